@@ -1,0 +1,38 @@
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY_CLASSES = ("cat", "dog", "ship")  # deliberately not CIFAR's full list: classes come from the folders
+
+
+def save_png(img, path):
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+
+
+def make_image_folder(root, n_train_per_class=16, n_test_per_class=8, size=8, seed=0):
+    """A tiny dataset in the image-folder layout: each class has its own mean colour, so it is learnable."""
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
+        for label, cls in enumerate(TINY_CLASSES):
+            os.makedirs(os.path.join(root, split, cls))
+            for i in range(n):
+                base = torch.full((3, 1, 1), 60.0 + 70 * label)
+                img = (base + 40 * torch.randn(3, size, size, generator=g)).clamp(0, 255).to(torch.uint8)
+                save_png(img, os.path.join(root, split, cls, f"{i:04d}.png"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Decoded-dataset caches go to the test's own folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return make_image_folder(str(tmp_path / "data"))

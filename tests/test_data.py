@@ -1,0 +1,85 @@
+"""Loading the image-folder layout and on-device augmentation, against explicit per-image code."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+import numpy as np
+
+import data
+from conftest import TINY_CLASSES, save_png
+
+
+def test_image_folder_loads_images_labels_and_classes(tiny_data):
+    ds = data.load_data("cifar10", tiny_data)
+    assert ds.classes == TINY_CLASSES
+    assert ds.train_x.shape == (48, 3, 8, 8) and ds.train_x.dtype == torch.uint8
+    assert ds.test_x.shape == (24, 3, 8, 8)
+    assert ds.train_y.tolist() == [0] * 16 + [1] * 16 + [2] * 16
+    expected = np.asarray(Image.open(os.path.join(tiny_data, "train", "dog", "0003.png")))  # label 1, 4th image
+    assert torch.equal(ds.train_x[16 + 3].permute(1, 2, 0), torch.from_numpy(expected))
+
+
+def test_decoded_split_is_cached_and_invalidated(tiny_data):
+    first = data.read_image_folder(os.path.join(tiny_data, "test"))
+    cached = data.read_image_folder(os.path.join(tiny_data, "test"))
+    assert torch.equal(first[0], cached[0]) and torch.equal(first[1], cached[1])
+    new_image = torch.full((3, 8, 8), 7, dtype=torch.uint8)
+    save_png(new_image, os.path.join(tiny_data, "test", "cat", "0000.png"))
+    os.utime(os.path.join(tiny_data, "test", "cat", "0000.png"), ns=(1, 1))  # even with an old timestamp
+    again = data.read_image_folder(os.path.join(tiny_data, "test"))
+    assert torch.equal(again[0][0], new_image) and torch.equal(again[0][1:], first[0][1:])
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    empty = tmp_path / "nothing"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="no images in"):
+        data.load_data("cifar10", str(empty))
+
+
+def test_crop_flip_equals_per_image_slicing():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    top, left, mirrored = data.crop_flip_draws(16, g, padding=4, flip=True)
+    out = data.crop_flip(x, top, left, mirrored, padding=4)
+    assert 0 < mirrored.sum() < 16 and len(set(top.tolist())) > 1
+    for i in range(16):
+        padded = F.pad(x[i], (4, 4, 4, 4))
+        crop = padded[:, top[i]:top[i] + 8, left[i]:left[i] + 8]
+        assert torch.equal(out[i], crop.flip(2) if mirrored[i] else crop)
+    assert top.min() >= 0 and top.max() <= 8
+
+
+def test_train_batches_are_deterministic_full_and_disjoint():
+    x = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 1, 2, 2).contiguous()
+    y = torch.arange(100)
+    run = lambda seed, epoch: list(data.train_batches(x, y, 32, data.epoch_generator(seed, epoch, "cpu"), 0, False))  # noqa: E731
+    a, b, c = run(0, 0), run(0, 0), run(0, 1)
+    assert len(a) == 3  # 100 // 32 full batches; the remainder is dropped
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+    labels = torch.cat([yb for _, yb in a])
+    assert len(labels.unique()) == 96
+    assert all(torch.equal(xb[:, 0, 0, 0] * 255, yb.float()) for xb, yb in a)  # images stay with their labels
+    assert not torch.equal(labels, torch.cat([yb for _, yb in c]))  # a new order each epoch
+
+
+def test_ranks_split_the_global_batch():
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(64)
+    whole = list(data.train_batches(x, y, 16, data.epoch_generator(3, 0, "cpu")))
+    halves = [list(data.train_batches(x, y, 16, data.epoch_generator(3, 0, "cpu"), rank=r, world_size=2))
+              for r in (0, 1)]
+    for k, (xw, yw) in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][k][0], halves[1][k][0]]), xw)
+        assert torch.equal(torch.cat([halves[0][k][1], halves[1][k][1]]), yw)
+
+
+def test_fixed_subset_ignores_run_seed():
+    torch.manual_seed(123)
+    a = data.fixed_subset(1000, 50)
+    torch.manual_seed(456)
+    assert torch.equal(a, data.fixed_subset(1000, 50)) and len(a.unique()) == 50
+    assert torch.equal(data.fixed_subset(10, -1), torch.arange(10))

@@ -1,0 +1,128 @@
+"""Small pure helpers: schedules, atomic files, logging, evaluation loops."""
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+
+LR_SCHEDULES = ("cyclic", "piecewise", "constant")
+CYCLIC_PEAK = 2 / 5  # fraction of training at which the cyclic schedule reaches lr_max
+PIECEWISE_DROPS = ((0.5, 0.1), (0.75, 0.01))  # (fraction of training, lr multiplier from then on)
+VFSAT_PLATEAU_EPOCHS = 4  # epochs at full eps after the ramp, in each VFSAT cycle
+VFSAT_RAMP_STEP = 2  # pixels/255 between consecutive VFSAT ramp values
+
+
+def learning_rate(schedule, lr_max, epochs_done, total_epochs):
+    """Learning rate after `epochs_done` (fractional) of `total_epochs` epochs."""
+    if schedule == "cyclic":
+        return float(np.interp(epochs_done, [0, total_epochs * CYCLIC_PEAK, total_epochs], [0, lr_max, 0]))
+    if schedule == "piecewise":
+        factor = 1.0
+        for fraction, drop in PIECEWISE_DROPS:
+            if epochs_done >= fraction * total_epochs:
+                factor = drop
+        return lr_max * factor
+    if schedule == "constant":
+        return lr_max
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+
+
+def vfsat_cycle(eps):
+    """VFSAT's per-epoch training eps (pixels/255): a ramp 2, 4, ... below eps, then eps, then eps 4 more times."""
+    return list(range(VFSAT_RAMP_STEP, eps, VFSAT_RAMP_STEP)) + [eps] * (1 + VFSAT_PLATEAU_EPOCHS)
+
+
+def training_eps(eps, epoch, discrete_eps):
+    """Training eps (pixels/255) of a 0-based epoch: eps itself, or VFSAT's value for that epoch."""
+    if not discrete_eps:
+        return eps
+    cycle = vfsat_cycle(eps)
+    return cycle[epoch % len(cycle)]
+
+
+def atomic_torch_save(obj, path):
+    """Save so that `path` is either the old complete file or the new complete file, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(rows, path):
+    atomic_write_text("".join(json.dumps(row) + "\n" for row in rows), path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def get_logger(log_path=None):
+    """A logger printing to stdout and, when given, appending to log_path."""
+    logger = logging.getLogger("fast-at")
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(log_path)] if log_path else [])
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def choose_device(name):
+    """'auto' picks CUDA when available; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rng_state():
+    """Every random generator the training step draws from (torch's CPU and CUDA generators)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def clean_correct(model, x, y):
+    return model(x).argmax(1) == y
+
+
+def fraction_true(mask_fn, batches):
+    """Fraction of examples, over all batches, for which mask_fn(x, y) is True."""
+    hits, total = 0, 0
+    for x, y in batches:
+        hits += int(mask_fn(x, y).sum())
+        total += len(y)
+    return hits / max(total, 1)
+
+
+def mean_over_batches(value_fn, batches):
+    """Example-weighted mean of value_fn(x, y) (a per-example tensor) over all batches."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        values = value_fn(x, y)
+        total += float(values.sum())
+        count += len(values)
+    return total / max(count, 1)
