@@ -25,6 +25,7 @@ SGD_MOMENTUM = 0.9
 RESNET_WEIGHT_DECAY = 5e-4
 PGD_EVAL_STEP_FRACTION = 1 / 4  # evaluation PGD step, as a fraction of eps
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+CHECKPOINT = "checkpoint.pt"
 
 
 class UsageError(Exception):
@@ -37,7 +38,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     a = p.add_argument
     a("--dataset", default="cifar10", help="dataset name (cifar10)")
     a("--data_dir", default="data", help="CIFAR-10 folder: image-folder layout train/<class>/*, test/<class>/*, "
@@ -74,6 +75,8 @@ def build_parser():
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     a("--out_dir", default="runs", help="parent folder of run directories")
     a("--run_name", default=None, help="run directory name (letters, digits, . _ -); default: from the flags")
+    a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
+      "(its flags come from RUN_DIR/args.json; only --device may be given too)")
     return p
 
 
@@ -246,7 +249,7 @@ def periodic_eval(model, eval_sets, eps, args):
 
 
 def final_eval(model, states, test_x, test_y, eps, args):
-    """Clean and PGD accuracy of each named state dict on the final test points, in fp32."""
+    """Clean, FGSM (step eps) and PGD accuracy of each named state dict on the final test points, in fp32."""
     rows = []
     for name, state in states.items():
         model.load_state_dict(state)
@@ -254,6 +257,7 @@ def final_eval(model, states, test_x, test_y, eps, args):
         batches = lambda: data.eval_batches(test_x, test_y, args.batch_size_eval)  # noqa: E731
         rows.append({"kind": "final", "model": name, "n_points": len(test_y),
                      "clean_acc": utils.fraction_true(lambda x, y: utils.clean_correct(model, x, y), batches()),
+                     "fgsm_acc": utils.fraction_true(fgsm_correct_fn(model, eps), batches()),
                      "pgd_acc": utils.fraction_true(robust_fn(model, eps, args), batches())})
     return rows
 
@@ -288,6 +292,7 @@ class Trainer:
         self.total_iters = args.epochs * self.n_batches * args.minibatch_replay
         self.iteration, self.epoch, self.metrics, self.kept = 0, 0, [], {}
         self.carried_delta = None
+        self.first_nonfinite = torch.full((), -1, device=dev)  # iteration of the first non-finite loss, on device
         self.reset_meters()
 
     def reset_meters(self):
@@ -316,24 +321,36 @@ class Trainer:
                     group["lr"] = lr
                 loss, reg, correct, self.carried_delta = train_step(
                     self.model, self.opt, self.scaler, self.autocast, x, y, eps_px / 255, a, self.carried_delta)
-                m = self.meters
-                m["loss"] += loss * len(y)
-                m["reg"] += reg * len(y)
-                m["correct"] += correct
-                m["count"] += len(y)
+                self.record_step(loss, reg, correct, len(y))
                 if self.eval_due():
                     self.evaluate(lr, eps_px)
+        self.check_finite()
         self.epoch += 1
 
-    def evaluate(self, lr, train_eps_px):
+    def record_step(self, loss, reg, correct, n):
         m = self.meters
-        loss = float(m["loss"]) / m["count"]
-        if not torch.isfinite(torch.tensor(loss)):
-            raise FloatingPointError(f"non-finite training loss by iteration {self.iteration}")
+        m["loss"] += loss * n
+        m["reg"] += reg * n
+        m["correct"] += correct
+        m["count"] += n
+        first_bad = (self.first_nonfinite < 0) & ~torch.isfinite(loss)
+        self.first_nonfinite = torch.where(first_bad, self.iteration, self.first_nonfinite)
+
+    def check_finite(self):
+        bad = int(self.first_nonfinite)
+        if bad >= 0:
+            kept = (f"{self.run_dir}/{CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
+                    else "no epoch had finished, so there is no checkpoint")
+            raise FloatingPointError(f"non-finite training loss at iteration {bad}; stopped: {kept}, and "
+                                     "metrics.jsonl the evaluations before it")
+
+    def evaluate(self, lr, train_eps_px):
+        self.check_finite()
+        m = self.meters
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches
                                                                                 / self.args.minibatch_replay, 4),
-               "lr": lr, "train_eps": train_eps_px, "train_loss": loss, "train_reg": float(m["reg"]) / m["count"],
-               "train_acc": float(m["correct"]) / m["count"]}
+               "lr": lr, "train_eps": train_eps_px, "train_loss": float(m["loss"]) / m["count"],
+               "train_reg": float(m["reg"]) / m["count"], "train_acc": float(m["correct"]) / m["count"]}
         row.update(periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
         self.reset_meters()
         self.metrics.append(row)
@@ -343,12 +360,27 @@ class Trainer:
         utils.write_jsonl(self.metrics, os.path.join(self.run_dir, "metrics.jsonl"))
         self.log.info(format_row(row))
 
-    def checkpoint(self):
-        """Everything needed to continue from the end of the current epoch."""
+    def state_dict(self):
+        """Everything needed to continue exactly from the end of the current epoch."""
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
-                "kept": self.kept, "metrics": self.metrics, "rng": utils.rng_state(),
+                "kept": self.kept, "metrics": self.metrics, "meters": self.meters, "rng": utils.rng_state(),
                 "carried_delta": self.carried_delta, "args": args_to_dict(self.args)}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.iteration, self.kept, self.metrics = (state[k] for k in ("epoch", "iteration", "kept",
+                                                                                  "metrics"))
+        dev = self.args.device
+        self.meters = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in state["meters"].items()}
+        cd = state["carried_delta"]
+        self.carried_delta = cd.to(dev) if cd is not None else None
+        utils.set_rng_state(state["rng"])
+
+    def save_checkpoint(self):
+        utils.atomic_torch_save(self.state_dict(), os.path.join(self.run_dir, CHECKPOINT))
 
 
 def format_row(row):
@@ -363,49 +395,117 @@ def args_to_dict(args):
     return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
 
 
-def run(args, dataset, log, run_dir):
-    torch.manual_seed(args.seed)
-    trainer = Trainer(args, dataset, run_dir, log)
-    log.info(f"{args.model} on {args.dataset}: {len(trainer.train_y)} training images, {trainer.n_batches} "
-             f"batches/epoch, {trainer.total_iters} iterations, device {args.device}, method {method_name(args)}")
-    start = time.time()
-    while trainer.epoch < args.epochs:
-        trainer.train_epoch()
-        utils.atomic_torch_save(trainer.checkpoint(), os.path.join(run_dir, "checkpoint.pt"))
-    log.info(f"training done in {time.time() - start:.1f} s")
-
+def run_final_eval(trainer, dataset, args, log):
     states = {"last": cpu_copy(trainer.model)}
     if args.eval_early_stopped_model:
         states.update({name: kept["state"] for name, kept in trainer.kept.items()})
     idx = data.fixed_subset(len(dataset.test_y), args.n_final_eval)
     rows = final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
                       dataset.test_y[idx].to(args.device), args.eps / 255, args)
+    trainer.model.load_state_dict(states["last"])
     for row in rows:
         kept = trainer.kept.get(row["model"])
         row["iteration"] = kept["iteration"] if kept else trainer.iteration
         log.info(f"final {row['model']:>13} (iter {row['iteration']}): clean {100 * row['clean_acc']:.2f}% "
-                 f"PGD-{args.attack_iters}-{args.n_restarts} {100 * row['pgd_acc']:.2f}% on {row['n_points']} points")
-    trainer.metrics += rows
-    utils.write_jsonl(trainer.metrics, os.path.join(run_dir, "metrics.jsonl"))
-    trainer.model.load_state_dict(states["last"])
-    utils.atomic_torch_save(trainer.checkpoint(), os.path.join(run_dir, "checkpoint.pt"))
+                 f"FGSM {100 * row['fgsm_acc']:.2f}% PGD-{args.attack_iters}-{args.n_restarts} "
+                 f"{100 * row['pgd_acc']:.2f}% on {row['n_points']} points")
     return rows
 
 
-def main(argv=None):
+def run(args, dataset, log, run_dir, checkpoint=None):
+    torch.manual_seed(args.seed)
+    trainer = Trainer(args, dataset, run_dir, log)
+    if checkpoint is not None:
+        for name in os.listdir(run_dir):  # temporary files of writes that a kill interrupted
+            if ".tmp" in name:
+                os.remove(os.path.join(run_dir, name))
+        trainer.load_state_dict(checkpoint)
+        log.info(f"resumed at the end of epoch {trainer.epoch} (iteration {trainer.iteration})")
+    utils.write_jsonl(trainer.metrics, os.path.join(run_dir, "metrics.jsonl"))  # drops rows past the checkpoint
+    if any(row["kind"] == "final" for row in trainer.metrics):
+        log.info("this run had already finished")
+        return
+    log.info(f"{args.model} on {args.dataset}: {len(trainer.train_y)} training images, {trainer.n_batches} "
+             f"batches/epoch, {trainer.total_iters} iterations, device {args.device}, method {method_name(args)}")
+    start = time.time()
+    while trainer.epoch < args.epochs:
+        trainer.train_epoch()
+        trainer.save_checkpoint()
+    train_s = time.time() - start
+    log.info(f"training done in {train_s:.1f} s")
+    trainer.metrics += run_final_eval(trainer, dataset, args, log)
+    trainer.save_checkpoint()
+    utils.write_jsonl(trainer.metrics, os.path.join(run_dir, "metrics.jsonl"))
+    wall_s = time.time() - start
+    utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(train_s, 1)}) + "\n",
+                            os.path.join(run_dir, "timing.json"))
+    log.info(f"done in {wall_s:.1f} s")
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags that argv names explicitly."""
+    names = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+    return {a.dest for a in parser._actions if names & set(a.option_strings)}
+
+
+def load_checkpoint(run_dir):
+    path = os.path.join(run_dir, CHECKPOINT)
     try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        dataset = data.load_data(args.dataset, args.data_dir)
-        run_dir = make_run_dir(args)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume={run_dir!r}: no {CHECKPOINT} there (the run stopped before its first epoch "
+                         "ended: start it again)") from None
+    except Exception as err:  # truncated, corrupt, or not a checkpoint
+        raise UsageError(f"--resume={run_dir!r}: {path} is unreadable ({type(err).__name__}); it was not written "
+                         "by train.py or is damaged") from None
+
+
+def resume_args(parser, argv, args):
+    """The resumed run's own arguments (from its args.json), with --device overridable."""
+    extra = given_flags(parser, argv) - {"resume", "device"}
+    if extra:
+        raise UsageError(f"--resume={args.resume!r}: takes no training flags (got --{', --'.join(sorted(extra))}); "
+                         "the run's flags are read from its args.json")
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--resume={args.resume!r}: cannot read args.json there ({type(err).__name__})") from None
+    resumed = parser.parse_args([])
+    vars(resumed).update(saved)
+    if "device" in given_flags(parser, argv):
+        resumed.device = args.device
+    resumed.resume = args.resume
+    return resumed
+
+
+def prepare(argv):
+    """Parse and check everything, load the data and the checkpoint: all errors before any file is written."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checkpoint = None
+    if args.resume:
+        args = resume_args(parser, argv, args)
+        checkpoint = load_checkpoint(args.resume)
+    check_args(args)
+    dataset = data.load_data(args.dataset, args.data_dir)
+    return args, dataset, checkpoint
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, dataset, checkpoint = prepare(argv)
+        run_dir = args.resume or make_run_dir(args)
     except (UsageError, data.DataError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    utils.atomic_write_text(json.dumps(args_to_dict(args), indent=2) + "\n", os.path.join(run_dir, "args.json"))
+    if checkpoint is None:
+        utils.atomic_write_text(json.dumps(args_to_dict(args), indent=2) + "\n", os.path.join(run_dir, "args.json"))
     log = utils.get_logger(os.path.join(run_dir, "log.txt"))
     log.info(f"run directory {run_dir}")
     try:
-        run(args, dataset, log, run_dir)
+        run(args, dataset, log, run_dir, checkpoint)
     except FloatingPointError as err:
         log.error(f"error: {err}")
         return 1

@@ -1,11 +1,11 @@
 """Loading the image-folder layout and on-device augmentation, against explicit per-image code."""
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-import numpy as np
 
 import data
 from conftest import TINY_CLASSES, save_png
@@ -17,7 +17,7 @@ def test_image_folder_loads_images_labels_and_classes(tiny_data):
     assert ds.train_x.shape == (48, 3, 8, 8) and ds.train_x.dtype == torch.uint8
     assert ds.test_x.shape == (24, 3, 8, 8)
     assert ds.train_y.tolist() == [0] * 16 + [1] * 16 + [2] * 16
-    expected = np.asarray(Image.open(os.path.join(tiny_data, "train", "dog", "0003.png")))  # label 1, 4th image
+    expected = np.array(Image.open(os.path.join(tiny_data, "train", "dog", "0003.png")))  # label 1, 4th image
     assert torch.equal(ds.train_x[16 + 3].permute(1, 2, 0), torch.from_numpy(expected))
 
 

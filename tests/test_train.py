@@ -35,7 +35,7 @@ METHODS = {
 
 
 def run_cli(flags, tmp_path, data_dir, name="run"):
-    argv = shlex.split(f"{TINY_RUN} {flags} --data_dir={data_dir} --out_dir={tmp_path / 'runs'} --run_name={name}")
+    argv = shlex.split(f"{TINY_RUN} --data_dir={data_dir} --out_dir={tmp_path / 'runs'} --run_name={name} {flags}")
     return train.main(argv), str(tmp_path / "runs" / name)
 
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Catastrophic overfitting at small scale, on a CPU: a 1-layer CNN (6 filters) on CIFAR-10 at eps 10/255.
+# Plain FGSM training overfits catastrophically; VFSAT and GradSum do not. Prints the results table.
+#
+# Usage: bash sh/cpu_experiment.sh DATA_DIR [OUT_DIR]
+#   DATA_DIR  CIFAR-10 (image-folder layout or torchvision's python version), e.g. ../shared/data/cifar10-jpeg
+#   OUT_DIR   parent of the run directories (default runs/cpu_experiment); finished runs are skipped,
+#             interrupted ones resumed
+set -euo pipefail
+DATA_DIR=${1:?usage: bash sh/cpu_experiment.sh DATA_DIR [OUT_DIR]}
+OUT_DIR=${2:-runs/cpu_experiment}
+PYTHON=${PYTHON:-python}
+cd "$(dirname "$0")/.."
+
+COMMON=(--data_dir="$DATA_DIR" --out_dir="$OUT_DIR" --device=cpu --seed=0
+        --model=cnn --n_layers=1 --n_filters_cnn=6 --lr_max=0.003 --epochs=30 --batch_size=256
+        --eps=10 --attack=fgsm --attack_init=zero --fgsm_alpha=1.0
+        --eval_iter_freq=195 --attack_iters=50 --n_restarts=10 --n_final_eval=-1 --eval_early_stopped_model)
+declare -A METHOD_FLAGS=(
+  [fgsm]=""
+  [fgsm-vfsat]="--discrete_eps"
+  [fgsm-gradsum]="--grad_input_sum_coeff=GRADSUM_COEFF"
+)
+for name in fgsm fgsm-vfsat fgsm-gradsum; do
+  run_dir="$OUT_DIR/$name"
+  if [ -f "$run_dir/timing.json" ]; then
+    echo "= $name: finished already"
+  elif [ -f "$run_dir/checkpoint.pt" ]; then
+    echo "+ $PYTHON train.py --resume=$run_dir"
+    "$PYTHON" train.py --resume="$run_dir"
+  else
+    rm -rf "$run_dir"  # started but no epoch finished: nothing to keep
+    cmd=("$PYTHON" train.py "${COMMON[@]}" ${METHOD_FLAGS[$name]} --run_name="$name")
+    echo "+ ${cmd[*]}"
+    "${cmd[@]}"
+  fi
+done
+"$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --out "$OUT_DIR/table.md"
