@@ -48,8 +48,8 @@ def build_parser():
     a("--n_layers", type=int, default=1, help="cnn: number of 3x3 conv layers")
     a("--n_filters_cnn", type=int, default=16, help="cnn: filters per conv layer")
     a("--epochs", "--epoch", dest="epochs", type=int, default=30, help="training epochs")
-    a("--batch_size", type=int, default=128, help="training batch size (images)")
-    a("--batch_size_eval", type=int, default=1024, help="evaluation batch size (images)")
+    a("--batch_size", type=int, default=128, help="global training batch (images), split over processes")
+    a("--batch_size_eval", type=int, default=1024, help="evaluation batch per process (images)")
     a("--lr_max", type=float, default=0.2, help="peak learning rate")
     a("--lr_schedule", default="cyclic", help=f"one of {', '.join(utils.LR_SCHEDULES)}; updated every iteration")
     a("--weight_decay", type=float, default=None, help=f"default {RESNET_WEIGHT_DECAY} for ResNets (SGD), 0 for cnn (Adam)")
@@ -71,6 +71,10 @@ def build_parser():
     a("--n_final_eval", type=int, default=-1, help="test points of the final evaluation; -1: all")
     a("--eval_early_stopped_model", action="store_true", help="final evaluation of the kept models too")
     a("--half_prec", action="store_true", help="mixed precision: fp16 autocast with dynamic loss scaling")
+    a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on recent GPUs)")
+    a("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign: no double "
+      "backprop through compiled graphs)")
+    a("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics over processes")
     a("--seed", type=int, default=0)
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     a("--out_dir", default="runs", help="parent folder of run directories")
@@ -104,6 +108,10 @@ def check_args(args):
          f"-1 (all) or at least --batch_size ({args.batch_size})")
     need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
     need(args.minibatch_replay == 1 or args.attack == "fgsm", "minibatch_replay", "Free-AT needs --attack=fgsm")
+    need(not (args.compile and (args.grad_input_sum_coeff or args.grad_align_cos_lambda)), "compile",
+         "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
+    n_procs = utils.dist_env()[1]
+    need(args.batch_size % n_procs == 0, "batch_size", f"the global batch must split evenly over {n_procs} processes")
     need(args.run_name is None or RUN_NAME_PATTERN.match(args.run_name), "run_name",
          "use letters, digits, '.', '_' and '-' only")
     need(os.path.isdir(args.data_dir) or not os.path.exists(args.data_dir), "data_dir", "is not a folder")
@@ -185,9 +193,13 @@ def regulariser(model, x, y, eps, args, reuse, loss_scale):
     return reg
 
 
-def train_step(model, opt, scaler, autocast, x, y, eps, args, carried_delta=None):
+def train_step(model, opt, scaler, autocast, x, y, eps, args, carried_delta=None, net=None):
     """One optimiser step on the batch; returns loss, regulariser, number correct (device tensors, no sync)
-    and, for Free-AT, the perturbation carried to the next replay."""
+    and, for Free-AT, the perturbation carried to the next replay.
+
+    net is the model wrapped for data-parallel training (DDP): the training loss goes through it, so its
+    backward averages the gradients (the regulariser's included) over processes; attacks use the bare model.
+    """
     loss_scale = scaler.scale(torch.ones((), device=x.device))  # a tensor: reading it would sync
     free = args.minibatch_replay > 1
     with autocast:
@@ -196,7 +208,7 @@ def train_step(model, opt, scaler, autocast, x, y, eps, args, carried_delta=None
             delta, reuse = attacks.clip_delta(x, start, eps).requires_grad_(True), {}
         else:
             delta, reuse = perturb(model, x, y, eps, args, loss_scale)
-        logits = model(x + delta)
+        logits = (net or model)(x + delta)
         loss = F.cross_entropy(logits, y)
         reg = regulariser(model, x, y, eps, args, reuse, loss_scale)
     opt.zero_grad(set_to_none=True)
@@ -231,20 +243,30 @@ def grad_cosine_fn(model, eps):
     return cosines
 
 
+def accuracies(model, x_u8, y, eps, args, kinds=("clean", "fgsm", "pgd")):
+    """Accuracies of the eval-mode model on this process's share of the points, each a fraction of all points
+    over all processes, and the number of points they cover."""
+    fns = {"clean": lambda xb, yb: utils.clean_correct(model, xb, yb), "fgsm": fgsm_correct_fn(model, eps),
+           "pgd": robust_fn(model, eps, args)}
+    model.eval()
+    row, n_points = {}, 0
+    for kind in kinds:
+        row[f"{kind}_acc"], n_points = utils.fraction_true(fns[kind], data.eval_batches(x_u8, y, args.batch_size_eval))
+    model.train()
+    return row, n_points
+
+
 def periodic_eval(model, eval_sets, eps, args):
     """Clean, FGSM and PGD accuracy on the test points, PGD accuracy on the training points, gradient cosine."""
     (test_x, test_y), (train_x, train_y) = eval_sets["test"], eval_sets["train"]
-    test = lambda: data.eval_batches(test_x, test_y, args.batch_size_eval)  # noqa: E731
+    test, n_points = accuracies(model, test_x, test_y, eps, args)
+    row = {f"test_{k}": v for k, v in test.items()}
+    row["train_pgd_acc"] = accuracies(model, train_x, train_y, eps, args, kinds=("pgd",))[0]["pgd_acc"]
     model.eval()
-    row = {
-        "test_clean_acc": utils.fraction_true(lambda x, y: utils.clean_correct(model, x, y), test()),
-        "test_fgsm_acc": utils.fraction_true(fgsm_correct_fn(model, eps), test()),
-        "test_pgd_acc": utils.fraction_true(robust_fn(model, eps, args), test()),
-        "train_pgd_acc": utils.fraction_true(robust_fn(model, eps, args),
-                                             data.eval_batches(train_x, train_y, args.batch_size_eval)),
-        "grad_cosine": utils.mean_over_batches(grad_cosine_fn(model, eps), test()),
-    }
+    row["grad_cosine"] = utils.mean_over_batches(grad_cosine_fn(model, eps),
+                                                 data.eval_batches(test_x, test_y, args.batch_size_eval))
     model.train()
+    row["n_eval_points"] = n_points
     return row
 
 
@@ -253,12 +275,8 @@ def final_eval(model, states, test_x, test_y, eps, args):
     rows = []
     for name, state in states.items():
         model.load_state_dict(state)
-        model.eval()
-        batches = lambda: data.eval_batches(test_x, test_y, args.batch_size_eval)  # noqa: E731
-        rows.append({"kind": "final", "model": name, "n_points": len(test_y),
-                     "clean_acc": utils.fraction_true(lambda x, y: utils.clean_correct(model, x, y), batches()),
-                     "fgsm_acc": utils.fraction_true(fgsm_correct_fn(model, eps), batches()),
-                     "pgd_acc": utils.fraction_true(robust_fn(model, eps, args), batches())})
+        row, n_points = accuracies(model, test_x, test_y, eps, args)
+        rows.append({"kind": "final", "model": name, "n_points": n_points, **row})
     return rows
 
 
@@ -278,13 +296,22 @@ class Trainer:
         self.train_x, self.train_y = dataset.train_x[train_idx].to(dev), dataset.train_y[train_idx].to(dev)
         self.padding, self.flip = dataset.crop_padding, dataset.flip
         n_eval = args.n_eval_every_k_iter
-        test_idx = data.fixed_subset(len(dataset.test_y), n_eval)
-        train_eval_idx = data.fixed_subset(len(self.train_y), n_eval).to(dev)
+        test_idx = process_share(data.fixed_subset(len(dataset.test_y), n_eval))
+        train_eval_idx = process_share(data.fixed_subset(len(self.train_y), n_eval)).to(dev)
         self.eval_sets = {"test": (dataset.test_x[test_idx].to(dev), dataset.test_y[test_idx].to(dev)),
                           "train": (self.train_x[train_eval_idx], self.train_y[train_eval_idx])}
         mean, std = dataset.mean_std()
         self.model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean, std,
                                  args.n_layers, args.n_filters_cnn).to(dev)
+        if utils.is_distributed() and args.sync_bn and dev.type == "cuda":  # SyncBatchNorm needs NCCL
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.fast = torch.compile(self.model) if args.compile else self.model  # what the training step runs
+        self.net = None  # the DDP wrapper under torchrun: the training loss goes through it
+        if utils.is_distributed():
+            self.net = torch.nn.parallel.DistributedDataParallel(self.fast,
+                                                                 device_ids=[dev] if dev.type == "cuda" else None)
         self.opt = build_optimizer(self.model, args)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=args.half_prec)
         self.autocast = torch.autocast(dev.type, dtype=torch.float16) if args.half_prec else nullcontext()
@@ -313,14 +340,18 @@ class Trainer:
         eps_px = utils.training_eps(a.eps, self.epoch, a.discrete_eps)
         gen = data.epoch_generator(a.seed, self.epoch, a.device)
         self.model.train()
-        for x, y in data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip):
+        for x, y in data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
+                                       utils.rank(), utils.world_size()):
+            if a.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             for _ in range(a.minibatch_replay):
                 self.iteration += 1
                 lr = self.lr_at(self.iteration)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 loss, reg, correct, self.carried_delta = train_step(
-                    self.model, self.opt, self.scaler, self.autocast, x, y, eps_px / 255, a, self.carried_delta)
+                    self.fast, self.opt, self.scaler, self.autocast, x, y, eps_px / 255, a, self.carried_delta,
+                    self.net)
                 self.record_step(loss, reg, correct, len(y))
                 if self.eval_due():
                     self.evaluate(lr, eps_px)
@@ -337,7 +368,7 @@ class Trainer:
         self.first_nonfinite = torch.where(first_bad, self.iteration, self.first_nonfinite)
 
     def check_finite(self):
-        bad = int(self.first_nonfinite)
+        bad = int(max(utils.all_gather(int(self.first_nonfinite))))  # every process stops together
         if bad >= 0:
             kept = (f"{self.run_dir}/{CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
                     else "no epoch had finished, so there is no checkpoint")
@@ -346,26 +377,34 @@ class Trainer:
 
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
-        m = self.meters
+        loss, reg, correct, count = utils.global_sum(*(self.meters[k] for k in ("loss", "reg", "correct", "count")))
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches
                                                                                 / self.args.minibatch_replay, 4),
-               "lr": lr, "train_eps": train_eps_px, "train_loss": float(m["loss"]) / m["count"],
-               "train_reg": float(m["reg"]) / m["count"], "train_acc": float(m["correct"]) / m["count"]}
+               "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
+               "train_acc": correct / count}
         row.update(periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
         self.reset_meters()
         self.metrics.append(row)
         for name, key in (("early_stopped", "train_pgd_acc"), ("best_test", "test_pgd_acc")):
             if name not in self.kept or row[key] > self.kept[name]["acc"]:
                 self.kept[name] = {"state": cpu_copy(self.model), "iteration": self.iteration, "acc": row[key]}
-        utils.write_jsonl(self.metrics, os.path.join(self.run_dir, "metrics.jsonl"))
+        self.write_metrics()
         self.log.info(format_row(row))
 
+    def write_metrics(self):
+        if utils.rank() == 0:
+            utils.write_jsonl(self.metrics, os.path.join(self.run_dir, "metrics.jsonl"))
+
     def state_dict(self):
-        """Everything needed to continue exactly from the end of the current epoch."""
+        """Everything needed to continue exactly from the end of the current epoch; what differs between
+        processes (random generators, Free-AT perturbation, running sums) is kept for each of them."""
+        own = {"rng": utils.rng_state(), "meters": {k: v.cpu() if torch.is_tensor(v) else v
+                                                    for k, v in self.meters.items()},
+               "carried_delta": None if self.carried_delta is None else self.carried_delta.cpu()}
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
-                "kept": self.kept, "metrics": self.metrics, "meters": self.meters, "rng": utils.rng_state(),
-                "carried_delta": self.carried_delta, "args": args_to_dict(self.args)}
+                "kept": self.kept, "metrics": self.metrics, "processes": utils.all_gather(own),
+                "args": args_to_dict(self.args)}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
@@ -373,14 +412,28 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration, self.kept, self.metrics = (state[k] for k in ("epoch", "iteration", "kept",
                                                                                   "metrics"))
-        dev = self.args.device
-        self.meters = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in state["meters"].items()}
-        cd = state["carried_delta"]
-        self.carried_delta = cd.to(dev) if cd is not None else None
-        utils.set_rng_state(state["rng"])
+        own, dev = state["processes"][utils.rank()], self.args.device
+        self.meters = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in own["meters"].items()}
+        self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(dev)
+        utils.set_rng_state(own["rng"])
 
     def save_checkpoint(self):
-        utils.atomic_torch_save(self.state_dict(), os.path.join(self.run_dir, CHECKPOINT))
+        state = self.state_dict()  # a collective: every process takes part
+        if utils.rank() == 0:
+            utils.atomic_torch_save(state, os.path.join(self.run_dir, CHECKPOINT))
+
+    def check_replicas(self):
+        """Raise unless every process holds the same weights (what data-parallel training guarantees)."""
+        sums = [torch.cat([p.detach().double().flatten() for p in self.model.parameters()]).sum().item()]
+        everyone = utils.all_gather(sums)
+        if any(s != everyone[0] for s in everyone):
+            raise RuntimeError(f"processes hold different weights (parameter sums {everyone})")
+        return len(everyone)
+
+
+def process_share(indices):
+    """This process's share of the points: every world_size-th one, from its rank."""
+    return indices[utils.rank()::utils.world_size()]
 
 
 def format_row(row):
@@ -399,7 +452,7 @@ def run_final_eval(trainer, dataset, args, log):
     states = {"last": cpu_copy(trainer.model)}
     if args.eval_early_stopped_model:
         states.update({name: kept["state"] for name, kept in trainer.kept.items()})
-    idx = data.fixed_subset(len(dataset.test_y), args.n_final_eval)
+    idx = process_share(data.fixed_subset(len(dataset.test_y), args.n_final_eval))
     rows = final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
                       dataset.test_y[idx].to(args.device), args.eps / 255, args)
     trainer.model.load_state_dict(states["last"])
@@ -415,30 +468,39 @@ def run_final_eval(trainer, dataset, args, log):
 def run(args, dataset, log, run_dir, checkpoint=None):
     torch.manual_seed(args.seed)
     trainer = Trainer(args, dataset, run_dir, log)
+    if utils.world_size() > 1:
+        torch.manual_seed(args.seed + utils.rank())  # processes draw different attack starts
     if checkpoint is not None:
-        for name in os.listdir(run_dir):  # temporary files of writes that a kill interrupted
-            if ".tmp" in name:
-                os.remove(os.path.join(run_dir, name))
+        if utils.rank() == 0:
+            for name in os.listdir(run_dir):  # temporary files of writes that a kill interrupted
+                if ".tmp" in name:
+                    os.remove(os.path.join(run_dir, name))
         trainer.load_state_dict(checkpoint)
         log.info(f"resumed at the end of epoch {trainer.epoch} (iteration {trainer.iteration})")
-    utils.write_jsonl(trainer.metrics, os.path.join(run_dir, "metrics.jsonl"))  # drops rows past the checkpoint
+    trainer.write_metrics()  # drops the rows written after the checkpoint
     if any(row["kind"] == "final" for row in trainer.metrics):
         log.info("this run had already finished")
         return
     log.info(f"{args.model} on {args.dataset}: {len(trainer.train_y)} training images, {trainer.n_batches} "
-             f"batches/epoch, {trainer.total_iters} iterations, device {args.device}, method {method_name(args)}")
+             f"batches/epoch, {trainer.total_iters} iterations, method {method_name(args)}, device {args.device}"
+             + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
+    if args.sync_bn and trainer.net is not None and args.device.type != "cuda":
+        log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
     start = time.time()
     while trainer.epoch < args.epochs:
         trainer.train_epoch()
         trainer.save_checkpoint()
     train_s = time.time() - start
-    log.info(f"training done in {train_s:.1f} s")
+    n_procs = trainer.check_replicas()
+    log.info(f"training done in {train_s:.1f} s" + (f"; {n_procs} processes hold identical weights"
+                                                    if n_procs > 1 else ""))
     trainer.metrics += run_final_eval(trainer, dataset, args, log)
     trainer.save_checkpoint()
-    utils.write_jsonl(trainer.metrics, os.path.join(run_dir, "metrics.jsonl"))
+    trainer.write_metrics()
     wall_s = time.time() - start
-    utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(train_s, 1)}) + "\n",
-                            os.path.join(run_dir, "timing.json"))
+    if utils.rank() == 0:
+        utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(train_s, 1)}) + "\n",
+                                os.path.join(run_dir, "timing.json"))
     log.info(f"done in {wall_s:.1f} s")
 
 
@@ -451,13 +513,18 @@ def given_flags(parser, argv):
 def load_checkpoint(run_dir):
     path = os.path.join(run_dir, CHECKPOINT)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        n_saved, n_now = len(checkpoint["processes"]), utils.dist_env()[1]
     except FileNotFoundError:
         raise UsageError(f"--resume={run_dir!r}: no {CHECKPOINT} there (the run stopped before its first epoch "
                          "ended: start it again)") from None
     except Exception as err:  # truncated, corrupt, or not a checkpoint
         raise UsageError(f"--resume={run_dir!r}: {path} is unreadable ({type(err).__name__}); it was not written "
                          "by train.py or is damaged") from None
+    if n_saved != n_now:
+        raise UsageError(f"--resume={run_dir!r}: the run used {n_saved} process(es); resume it with as many "
+                         f"(this is {n_now})")
+    return checkpoint
 
 
 def resume_args(parser, argv, args):
@@ -492,23 +559,47 @@ def prepare(argv):
     return args, dataset, checkpoint
 
 
+def shared_run_dir(args):
+    """The run directory: made by process 0 and told to the others; (None, message) if it cannot be made."""
+    run_dir, error = args.resume, None
+    if run_dir is None and utils.rank() == 0:
+        try:
+            run_dir = make_run_dir(args)
+        except UsageError as err:
+            error = str(err)
+    return utils.broadcast((run_dir, error))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    first_process = utils.dist_env()[0] == 0
     try:
         args, dataset, checkpoint = prepare(argv)
-        run_dir = args.resume or make_run_dir(args)
     except (UsageError, data.DataError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        if first_process:
+            print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    if checkpoint is None:
-        utils.atomic_write_text(json.dumps(args_to_dict(args), indent=2) + "\n", os.path.join(run_dir, "args.json"))
-    log = utils.get_logger(os.path.join(run_dir, "log.txt"))
-    log.info(f"run directory {run_dir}")
+    utils.init_distributed(args.device)
     try:
+        run_dir, error = shared_run_dir(args)
+        if error:
+            if first_process:
+                print(f"train.py: error: {error}", file=sys.stderr)
+            return 2
+        if checkpoint is None and first_process:
+            utils.atomic_write_text(json.dumps(args_to_dict(args), indent=2) + "\n",
+                                    os.path.join(run_dir, "args.json"))
+        log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
+        log.info(f"run directory {run_dir}")
         run(args, dataset, log, run_dir, checkpoint)
+        if utils.is_distributed():
+            torch.distributed.barrier()  # no process tears the group down while another still uses it
     except FloatingPointError as err:
         log.error(f"error: {err}")
         return 1
+    finally:
+        if utils.is_distributed():
+            torch.distributed.destroy_process_group()
     return 0
 
 

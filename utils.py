@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 LR_SCHEDULES = ("cyclic", "piecewise", "constant")
 CYCLIC_PEAK = 2 / 5  # fraction of training at which the cyclic schedule reaches lr_max
@@ -70,10 +71,10 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def get_logger(log_path=None):
-    """A logger printing to stdout and, when given, appending to log_path."""
+def get_logger(log_path=None, quiet=False):
+    """A logger printing to stdout and, when given, appending to log_path; quiet ones print only errors."""
     logger = logging.getLogger("fast-at")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.handlers.clear()
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)] + ([logging.FileHandler(log_path)] if log_path else [])
@@ -83,11 +84,67 @@ def get_logger(log_path=None):
     return logger
 
 
+def dist_env():
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain process."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def choose_device(name):
-    """'auto' picks CUDA when available; anything else is passed to torch.device."""
+    """'auto' picks CUDA when available (under torchrun, the GPU of this process's local rank)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist_env()[2])
+    return device
+
+
+def init_distributed(device):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); a no-op in a plain process."""
+    if dist_env()[1] > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def global_sum(*values):
+    """Each value summed over all processes (the values themselves in a plain process), as floats."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(obj):
+    """The list of every process's obj, in rank order ([obj] in a plain process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj):
+    """Rank 0's obj, on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rng_state():
@@ -110,19 +167,21 @@ def clean_correct(model, x, y):
 
 
 def fraction_true(mask_fn, batches):
-    """Fraction of examples, over all batches, for which mask_fn(x, y) is True."""
+    """(fraction, count) of examples, over all batches and processes, for which mask_fn(x, y) is True."""
     hits, total = 0, 0
     for x, y in batches:
         hits += int(mask_fn(x, y).sum())
         total += len(y)
-    return hits / max(total, 1)
+    hits, total = global_sum(hits, total)
+    return hits / max(total, 1), int(total)
 
 
 def mean_over_batches(value_fn, batches):
-    """Example-weighted mean of value_fn(x, y) (a per-example tensor) over all batches."""
+    """Example-weighted mean of value_fn(x, y) (a per-example tensor) over all batches and processes."""
     total, count = 0.0, 0
     for x, y in batches:
         values = value_fn(x, y)
         total += float(values.sum())
         count += len(values)
+    total, count = global_sum(total, count)
     return total / max(count, 1)

@@ -19,7 +19,7 @@ COMMON=(--data_dir="$DATA_DIR" --out_dir="$OUT_DIR" --device=cpu --seed=0
 declare -A METHOD_FLAGS=(
   [fgsm]=""
   [fgsm-vfsat]="--discrete_eps"
-  [fgsm-gradsum]="--grad_input_sum_coeff=GRADSUM_COEFF"
+  [fgsm-gradsum]="--grad_input_sum_coeff=20"
 )
 for name in fgsm fgsm-vfsat fgsm-gradsum; do
   run_dir="$OUT_DIR/$name"

@@ -83,14 +83,15 @@ def test_interrupted_run_resumes_to_identical_metrics(where, reference, tmp_path
 def test_sigkilled_process_resumes_to_identical_metrics(reference, tmp_path, tiny_data):
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + argv(tmp_path, tiny_data, "killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as the in-process reference: sums depend on the thread count
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(run_dir)], cwd=ROOT,
-                             capture_output=True, text=True)
+                             env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert metrics_text(run_dir) == reference
 

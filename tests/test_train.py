@@ -31,6 +31,7 @@ METHODS = {
     "free": "--attack=fgsm --minibatch_replay=2",
     "half_prec": "--attack=fgsm --half_prec --grad_input_sum_coeff=1 --grad_align_cos_lambda=0.2",
     "resnet18_piecewise": "--model=resnet18 --lr_schedule=piecewise --lr_max=0.05 --attack=fgsm --discrete_eps",
+    "pgd2_compiled_channels_last": "--attack=pgd --pgd_train_n_iters=2 --compile --channels_last",
 }
 
 
@@ -56,7 +57,7 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert all(r["n_points"] == 12 for r in final)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 2 * iters_per_epoch
-    assert {"model", "optimizer", "scaler", "kept", "metrics", "rng"} <= set(ckpt)
+    assert {"model", "optimizer", "scaler", "kept", "metrics", "processes"} <= set(ckpt)
     assert json.load(open(os.path.join(run_dir, "args.json")))["epochs"] == 2
 
 
@@ -105,6 +106,8 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--run_name=a:b", "--run_name='a:b'"),
     ("--epochs=ten", "--epochs"),
     ("--no_such_flag=1", "--no_such_flag"),
+    ("--compile --grad_align_cos_lambda=0.2", "--compile"),
+    ("--resume=/nonexistent", "--resume='/nonexistent'"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_files(flags, named, tmp_path, tiny_data, capsys):
     code, run_dir = run_cli(flags, tmp_path, tiny_data)

@@ -1,0 +1,53 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against one process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import utils
+from test_train import ROOT, TINY_RUN
+
+
+def launch(tmp_path, data_dir, name, flags, n_procs):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}",
+           os.path.join(ROOT, "train.py")] + f"{TINY_RUN} --data_dir={data_dir} --out_dir={tmp_path} " \
+        f"--run_name={name} {flags}".split()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp_path / name, done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_data_module(tmp_path_factory):
+    from conftest import make_image_folder
+    return make_image_folder(str(tmp_path_factory.mktemp("data") / "data"))
+
+
+@pytest.mark.parametrize("method", ["--attack=fgsm --grad_input_sum_coeff=1 --attack_init=random",
+                                    "--attack=fgsm --minibatch_replay=2", "--model=resnet18 --discrete_eps"])
+def test_two_processes_train_one_model(method, tmp_path, tiny_data_module):
+    run_dir, out = launch(tmp_path, tiny_data_module, "ddp", method, 2)
+    assert "2 processes hold identical weights" in out
+    rows = utils.read_jsonl(run_dir / "metrics.jsonl")
+    assert all(r["n_eval_points"] == 8 for r in rows if r["kind"] == "periodic")  # each point counted once
+    assert [r["n_points"] for r in rows if r["kind"] == "final"] == [12, 12, 12]
+    assert sorted(os.listdir(run_dir)) == ["args.json", "checkpoint.pt", "log.txt", "metrics.jsonl", "timing.json"]
+    assert len(torch.load(run_dir / "checkpoint.pt", weights_only=True)["processes"]) == 2
+
+
+def test_two_processes_match_one_process_without_batchnorm(tmp_path, tiny_data_module):
+    """The cnn has no BatchNorm and zero-init FGSM draws nothing random: only the split differs."""
+    flags = "--attack=fgsm --fgsm_alpha=1.0 --epochs=3"
+    one, _ = launch(tmp_path, tiny_data_module, "one", flags, 1)
+    two, _ = launch(tmp_path, tiny_data_module, "two", flags, 2)
+    rows = [[r for r in utils.read_jsonl(d / "metrics.jsonl") if r["kind"] == "periodic"] for d in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_acc"] == b["train_acc"]
+    weights = [torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (one, two)]
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k], weights[1][k], atol=1e-5)
