@@ -1,7 +1,8 @@
-"""Gather run directories into the paper's table: one row per (dataset, model, method, eps), mean ± std over seeds.
+"""Gather run directories into the paper's table: one row per (dataset, model, method, eps), mean ± std over seeds,
+and plot training curves: clean, FGSM and PGD accuracy against iterations, learning rate and VFSAT eps beneath.
 
-    python report.py runs/*            # Markdown table on stdout
-    python report.py runs/* --out results.md
+    python report.py runs/*                                  # Markdown table on stdout
+    python report.py runs/* --out results.md --plots plots/  # and RUN/curves.png, plots/<group>.png
 """
 import argparse
 import json
@@ -31,6 +32,46 @@ def load_run(run_dir):
     return key, values, wall_s
 
 
+def periodic_rows(run_dir):
+    return [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "periodic"]
+
+
+CURVES = (("test_clean_acc", "clean (test)", "tab:blue", "-"), ("test_fgsm_acc", "FGSM (test)", "tab:orange", "-"),
+          ("test_pgd_acc", "PGD (test)", "tab:red", "-"), ("train_pgd_acc", "PGD (train)", "tab:red", ":"))
+
+
+def plot_curves(run_dirs, path, title):
+    """Accuracy curves averaged over the runs (seeds), with learning rate and training eps beneath, as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [periodic_rows(d) for d in run_dirs]
+    n = min(len(r) for r in runs)
+    if n == 0:
+        return False
+    iters = [row["iteration"] for row in runs[0][:n]]
+    mean = lambda key: [statistics.mean(r[i][key] for r in runs) for i in range(n)]  # noqa: E731
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1.3))
+    for key, label, color, style in CURVES:
+        top.plot(iters, [100 * v for v in mean(key)], style, color=color, label=label)
+    top.set_ylabel("accuracy (%)")
+    top.set_ylim(0, 100)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{title} ({len(runs)} run{'s' * (len(runs) > 1)})", fontsize=10)
+    bottom.plot(iters, mean("lr"), color="black")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("iteration")
+    eps_axis = bottom.twinx()
+    eps_axis.step(iters, mean("train_eps"), where="pre", color="tab:green")
+    eps_axis.set_ylabel("train eps (px)", color="tab:green")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
 def mean_std(values):
     """'mean ± std' in percent (sample std over seeds); just the mean for one seed; '-' for none."""
     if not values:
@@ -41,12 +82,23 @@ def mean_std(values):
     return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
 
 
-def table(run_dirs):
+def group_runs(run_dirs):
+    """{group key: [(run_dir, values, wall_s)]} of the finished runs."""
     groups = {}
     for run_dir in run_dirs:
         run = load_run(run_dir)
         if run is not None:
-            groups.setdefault(run[0], []).append(run[1:])
+            groups.setdefault(run[0], []).append((run_dir, *run[1:]))
+    return groups
+
+
+def group_name(key):
+    dataset, model, method, eps, iters, restarts = key
+    return f"{dataset}-{model}-{method}-eps{eps}"
+
+
+def table(run_dirs):
+    groups = {key: [run[1:] for run in runs] for key, runs in group_runs(run_dirs).items()}
     header = ["dataset", "model", "method", "eps", "attack", "seeds"] + [c[2] for c in COLUMNS] + ["wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (dataset, model, method, eps, iters, restarts), runs in sorted(groups.items()):
@@ -65,6 +117,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run directories written by train.py")
     p.add_argument("--out", help="also write the table to this Markdown file")
+    p.add_argument("--plots", metavar="DIR", help="write RUN/curves.png for each run and DIR/<group>.png")
     args = p.parse_args(argv)
     missing = [d for d in args.run_dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
     if missing:
@@ -74,6 +127,15 @@ def main(argv=None):
     print(text, end="")
     if args.out:
         utils.atomic_write_text(text, args.out)
+    if args.plots:
+        os.makedirs(args.plots, exist_ok=True)
+        for key, runs in group_runs(args.run_dirs).items():
+            dirs = [run[0] for run in runs]
+            for d in dirs:
+                plot_curves([d], os.path.join(d, "curves.png"), os.path.basename(os.path.normpath(d)))
+            path = os.path.join(args.plots, group_name(key) + ".png")
+            if plot_curves(dirs, path, group_name(key)):
+                print(f"plot: {path}")
     return 0
 
 

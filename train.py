@@ -250,8 +250,10 @@ def accuracies(model, x_u8, y, eps, args, kinds=("clean", "fgsm", "pgd")):
            "pgd": robust_fn(model, eps, args)}
     model.eval()
     row, n_points = {}, 0
+    n_batches = -(-len(y) // args.batch_size_eval)
     for kind in kinds:
-        row[f"{kind}_acc"], n_points = utils.fraction_true(fns[kind], data.eval_batches(x_u8, y, args.batch_size_eval))
+        batches = utils.progress(data.eval_batches(x_u8, y, args.batch_size_eval), n_batches, f"{kind} accuracy")
+        row[f"{kind}_acc"], n_points = utils.fraction_true(fns[kind], batches)
     model.train()
     return row, n_points
 
@@ -340,8 +342,9 @@ class Trainer:
         eps_px = utils.training_eps(a.eps, self.epoch, a.discrete_eps)
         gen = data.epoch_generator(a.seed, self.epoch, a.device)
         self.model.train()
-        for x, y in data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
-                                       utils.rank(), utils.world_size()):
+        batches = data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
+                                     utils.rank(), utils.world_size())
+        for x, y in utils.progress(batches, self.n_batches, f"epoch {self.epoch + 1}/{a.epochs}"):
             if a.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for _ in range(a.minibatch_replay):

@@ -71,6 +71,14 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def progress(iterable, total=None, desc=None):
+    """A tqdm progress bar on an interactive terminal (process 0 only); the bare iterable otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty() or rank() != 0)
+
+
 def get_logger(log_path=None, quiet=False):
     """A logger printing to stdout and, when given, appending to log_path; quiet ones print only errors."""
     logger = logging.getLogger("fast-at")

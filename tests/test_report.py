@@ -1,0 +1,58 @@
+"""report.py on hand-made run directories: grouping, mean ± std, counts, plots."""
+import json
+import os
+
+import report
+
+
+def make_run(root, name, method_flags, seed, finals, wall_s=100.0, periodic=3):
+    run = root / name
+    run.mkdir()
+    args = {"dataset": "cifar10", "model": "cnn", "eps": 8, "attack": "fgsm", "attack_init": "zero",
+            "pgd_train_n_iters": 10, "minibatch_replay": 1, "discrete_eps": False, "grad_input_sum_coeff": 0.0,
+            "grad_align_cos_lambda": 0.0, "attack_iters": 50, "n_restarts": 10, "seed": seed, **method_flags}
+    (run / "args.json").write_text(json.dumps(args))
+    rows = [{"kind": "periodic", "iteration": 10 * (i + 1), "lr": 0.1, "train_eps": 8, "test_clean_acc": 0.5,
+             "test_fgsm_acc": 0.4, "test_pgd_acc": 0.3 - 0.1 * i, "train_pgd_acc": 0.3} for i in range(periodic)]
+    rows += [{"kind": "final", "model": m, "clean_acc": c, "fgsm_acc": f, "pgd_acc": p} for m, (c, f, p) in finals.items()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "timing.json").write_text(json.dumps({"wall_s": wall_s, "train_s": wall_s - 1}))
+    return str(run)
+
+
+def cells(text, method):
+    (line,) = [line for line in text.splitlines() if f"| {method} |" in line]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
+    runs = [make_run(tmp_path, f"fgsm{s}", {}, s, {"last": (0.80, 0.60, p), "early_stopped": (0.7, 0.5, 0.4)},
+                     wall_s=w) for s, p, w in ((0, 0.40, 100), (1, 0.44, 200), (2, 0.48, 300))]
+    runs.append(make_run(tmp_path, "vfsat0", {"discrete_eps": True}, 0, {"last": (0.75, 0.5, 0.45)}))
+    runs.append(str(tmp_path / "unfinished"))
+    os.makedirs(runs[-1])
+    (tmp_path / "unfinished" / "args.json").write_text(json.dumps({}))
+    (tmp_path / "unfinished" / "metrics.jsonl").write_text("")
+    text = report.table(runs[:4])
+    fgsm = cells(text, "fgsm")
+    # dataset, model, method, eps, attack, seeds, clean, FGSM, PGD, ES clean, ES PGD, wall
+    assert fgsm[3:6] == ["8", "PGD-50-10", "3"]
+    assert fgsm[6] == "80.00 ± 0.00" and fgsm[8] == "44.00 ± 4.00"  # std of 40, 44, 48 (n - 1) is 4
+    assert fgsm[9] == "70.00 ± 0.00" and fgsm[11] == "200"
+    vfsat = cells(text, "fgsm-vfsat")
+    assert vfsat[5] == "1" and vfsat[8] == "45.00" and vfsat[9] == "-"
+
+
+def test_plots_are_written_per_run_and_per_group(tmp_path):
+    runs = [make_run(tmp_path, f"r{s}", {}, s, {"last": (0.8, 0.6, 0.4)}) for s in range(2)]
+    assert report.main(runs + ["--plots", str(tmp_path / "plots"), "--out", str(tmp_path / "t.md")]) == 0
+    pngs = [os.path.join(r, "curves.png") for r in runs] + [str(tmp_path / "plots" / "cifar10-cnn-fgsm-eps8.png")]
+    for png in pngs:
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    assert "| fgsm |" in (tmp_path / "t.md").read_text()
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
