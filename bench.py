@@ -89,6 +89,32 @@ def bench_eval(model, x, y, eps, batch_size, skip_broken):
     return len(y) / (time.perf_counter() - start), robust / len(y)
 
 
+def bench_data_pipeline(device, batch_size, n_iters):
+    """Images/s of the batch pipeline (shuffle, crop, flip, to float) against images/s of an FGSM training step,
+    for CIFAR-10 (PreActResNet-18, 32 px) and Tiny ImageNet (PreActResNet-34, 64 px) shapes."""
+    rows = []
+    for name, model_name, size, n_classes in (("CIFAR-10", "resnet18", 32, 10), ("Tiny ImageNet", "resnet34", 64, 200)):
+        n = 8 * batch_size
+        x_u8 = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+        y = torch.randint(0, n_classes, (n,), device=device)
+        gen = train.data.epoch_generator(0, 0, device)
+        sync(device)
+        start = time.perf_counter()
+        for xb, _ in train.data.train_batches(x_u8, y, batch_size, gen):
+            pass
+        sync(device)
+        pipeline = n // batch_size * batch_size / (time.perf_counter() - start)
+        model = build_model(model_name, n_classes, 3, size, [0.5] * 3, [0.25] * 3).to(device)
+        args = method_args("", f"--model={model_name} --eps=8")
+        opt = train.build_optimizer(model, args)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        xb, yb = x_u8[:batch_size].float() / 255, y[:batch_size]
+        time_iterations(model, opt, scaler, train.nullcontext(), xb, yb, 8 / 255, args, 1)  # warm-up
+        step = batch_size / time_iterations(model, opt, scaler, train.nullcontext(), xb, yb, 8 / 255, args, n_iters)
+        rows.append((name, model_name, size, pipeline, step))
+    return rows
+
+
 def load_inputs(args, device):
     """Model and images: from a checkpoint and its data when given, else random weights and random images."""
     if args.checkpoint:
@@ -128,13 +154,22 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
     p.add_argument("--batch_size_eval", type=int, default=256)
+    p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval (after methods), data")
     args = p.parse_args()
+    sections = args.sections.split(",")
     device = utils.choose_device(args.device)
     model, x, y, eps_px, base = load_inputs(args, device)
     eps = eps_px / 255
     xb, yb = x[:args.batch_size], y[:args.batch_size]
     print(f"device {device}, {base}, batch {args.batch_size}, {args.rounds} rounds of {args.n_iters} iterations")
 
+    if "data" in sections:
+        print("\n| data | model | image px | pipeline images / s | FGSM training images / s | pipeline share |\n"
+              "|---|---|---|---|---|---|")
+        for name, model_name, size, pipeline, step in bench_data_pipeline(device, args.batch_size, args.n_iters):
+            print(f"| {name} | {model_name} | {size} | {pipeline:.0f} | {step:.1f} | {100 * step / pipeline:.2f}% |")
+    if "methods" not in sections:
+        return
     state = train.cpu_copy(model)
     times = bench_methods(model, xb, yb, eps, base, device, args.n_iters, args.rounds)
     model.load_state_dict(state)  # the evaluation sees the given weights, not the benchmark's updates
@@ -142,6 +177,8 @@ def main():
     for name, t in times.items():
         print(f"| {name} | {1000 * t:.1f} | {t / times['none']:.2f} |")
 
+    if "eval" not in sections:
+        return
     results = {mode: bench_eval(model, x[:args.eval_points], y[:args.eval_points], eps, args.batch_size_eval, mode)
                for mode in (False, True)}
     print(f"\nPGD-50-10 evaluation of {args.eval_points} images:")

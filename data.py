@@ -3,8 +3,13 @@
 Each split is decoded once into a (N, C, H, W) uint8 tensor (cached on disk for image folders), moved to the
 device once, and every batch is cropped, flipped and converted to float there: no worker processes.
 """
+import gzip
 import hashlib
 import os
+import pickle
+import struct
+import tarfile
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +18,39 @@ import torch.nn.functional as F
 from PIL import Image
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+BINARY_CLASSES = ("deer", "ship")  # the paper's binary analysis data: two CIFAR-10 classes
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "cifar10_binary", "tiny_imagenet", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SUBSET_SEED = 0  # fixed: every run evaluates (and subsamples) the same points, whatever its --seed
+STAT_CHUNK = 4096  # images per chunk when computing channel statistics (bounds the float copy)
+
+# (file name, URL, md5 or None) of what each dataset downloads into --data_dir
+DOWNLOADS = {
+    "cifar10": [("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                 "c58f30108f718f92721af3b95e74349a")],
+    "cifar100": [("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                  "eb9058c3a382ffc7106e4002c42a8d85")],
+    "svhn": [(f"{split}_32x32.mat", f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat", md5)
+             for split, md5 in (("train", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+                                ("test", "eb5a983be6a315427106f1b164d9cef3"))],
+    "mnist": [(f"{name}.gz", f"https://ossci-datasets.s3.amazonaws.com/mnist/{name}.gz", md5)
+              for name, md5 in (("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                                ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
+                                ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
+                                ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c"))],
+    "tiny_imagenet": [("tiny-imagenet-200.zip", "http://cs231n.stanford.edu/tiny-imagenet-200.zip", None)],
+}
+LAYOUTS = {  # what each dataset expects inside --data_dir
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or train/<class>/*.jpg and test/<class>/*.jpg",
+    "cifar100": "cifar-100-python/ (train, test, meta)",
+    "svhn": "train_32x32.mat and test_32x32.mat",
+    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+             "t10k-labels-idx1-ubyte.gz (or the same in MNIST/raw/)",
+    "tiny_imagenet": "tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+                     "val/val_annotations.txt)",
+    "imagefolder": "train/<class>/* and test/<class>/* images, all of one size",
+}
+LAYOUTS["cifar10_binary"] = LAYOUTS["cifar10"]
 
 
 class DataError(Exception):
@@ -45,29 +81,45 @@ class ImageData:
 
     def mean_std(self):
         """Per-channel mean and std of the training images, in [0, 1] units."""
-        x = self.train_x.float().div_(255).transpose(0, 1).flatten(1)
-        return x.mean(1).tolist(), x.std(1).tolist()
+        total = torch.zeros(2, self.in_channels, dtype=torch.float64)
+        for chunk in self.train_x.split(STAT_CHUNK):
+            x = chunk.double().div_(255).transpose(0, 1).flatten(1)
+            total += torch.stack([x.sum(1), (x * x).sum(1)])
+        n = self.train_x.numel() / self.in_channels
+        mean = total[0] / n
+        std = ((total[1] / n - mean**2) * n / (n - 1)).sqrt()
+        return mean.tolist(), std.tolist()
 
 
-def has_image_folder_layout(root):
-    return all(os.path.isdir(os.path.join(root, split)) for split in ("train", "test"))
+# ---------------------------------------------------------------- decoded-image cache
 
-
-def _list_images(split_dir):
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    files = [(os.path.join(split_dir, c, f), label) for label, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return classes, files
-
-
-def _cache_path(split_dir, files):
-    """A cache file keyed by the folder and every image's path, size and modification time."""
-    digest = hashlib.sha1(os.path.abspath(split_dir).encode())
-    for path, label in files:
+def _cache_path(data_dir, key_files):
+    """A cache file keyed by every source file's path, size and modification time; in data_dir/.fast-at-cache
+    when data_dir is writable, else in ~/.cache/fast-at."""
+    digest = hashlib.sha1()
+    for path in key_files:
         st = os.stat(path)
-        digest.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
-    cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fast-at")
+        digest.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    cache_dir = os.path.join(data_dir, ".fast-at-cache")
+    if not os.access(data_dir, os.W_OK):
+        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fast-at")
     return os.path.join(cache_dir, digest.hexdigest()[:20] + ".pt")
+
+
+def _cached(data_dir, key_files, decode):
+    """decode() -> dict of tensors, computed once and then read from the cache."""
+    cache = _cache_path(data_dir, key_files)
+    if os.path.exists(cache):
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:  # a damaged cache is rebuilt
+            pass
+    tensors = decode()
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    torch.save(tensors, tmp)
+    os.replace(tmp, cache)
+    return tensors
 
 
 def _decode(path):
@@ -75,23 +127,36 @@ def _decode(path):
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
 
 
+def _decode_all(paths, where):
+    images = [_decode(path) for path in paths]
+    if len({img.shape for img in images}) != 1:
+        raise DataError(f"images in {where} differ in size: resize them to one size first")
+    return torch.stack(images)
+
+
+# ---------------------------------------------------------------- readers of each on-disk layout
+
+def has_image_folder_layout(root):
+    return all(os.path.isdir(os.path.join(root, split)) for split in ("train", "test"))
+
+
+def _list_images(split_dir):
+    classes = sorted(d for d in os.listdir(split_dir)
+                     if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
+    files = [(os.path.join(split_dir, c, f), label) for label, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return classes, files
+
+
 def read_image_folder(split_dir):
     """Decode `split_dir/<class>/*` into uint8 images and labels (classes in sorted order), cached on disk."""
     classes, files = _list_images(split_dir)
     if not files:
         raise DataError(f"no images in {split_dir}: expected {split_dir}/<class>/*.jpg (or .png)")
-    cache = _cache_path(split_dir, files)
-    if os.path.exists(cache):
-        saved = torch.load(cache, weights_only=True)
-        return saved["x"], saved["y"], tuple(classes)
-    images = [_decode(path) for path, _ in files]
-    if len({img.shape for img in images}) != 1:
-        raise DataError(f"images in {split_dir} differ in size: resize them to one size first")
-    x, y = torch.stack(images), torch.tensor([label for _, label in files])
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    torch.save({"x": x, "y": y}, cache + ".tmp")
-    os.replace(cache + ".tmp", cache)
-    return x, y, tuple(classes)
+    decode = lambda: {"x": _decode_all([p for p, _ in files], split_dir),  # noqa: E731
+                      "y": torch.tensor([label for _, label in files])}
+    saved = _cached(os.path.dirname(os.path.abspath(split_dir)), [p for p, _ in files], decode)
+    return saved["x"], saved["y"], tuple(classes)
 
 
 def _load_image_folder(root):
@@ -102,26 +167,180 @@ def _load_image_folder(root):
     return ImageData(train_x, train_y, test_x, test_y, classes)
 
 
-def _load_torchvision_cifar10(root):
-    from torchvision.datasets import CIFAR10
+def _load_tiny_imagenet(root):
+    """tiny-imagenet-200: classes in wnids.txt order; the labelled val split is the test set."""
+    base = os.path.join(root, "tiny-imagenet-200")
+    with open(os.path.join(base, "wnids.txt")) as f:
+        wnids = [line.strip() for line in f if line.strip()]
+    label = {wnid: i for i, wnid in enumerate(wnids)}
+    train = [(os.path.join(base, "train", w, "images", name), label[w]) for w in wnids
+             for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    with open(os.path.join(base, "val", "val_annotations.txt")) as f:
+        rows = [line.split("\t") for line in f if line.strip()]
+    test = [(os.path.join(base, "val", "images", r[0]), label[r[1]]) for r in rows]
 
-    try:
-        splits = [CIFAR10(root, train=train, download=True) for train in (True, False)]
-    except Exception as err:  # no network, or a broken archive
-        raise DataError(f"CIFAR-10 not found in {root} and could not be downloaded ({err}); put the python "
-                        f"version (cifar-10-batches-py/) there, or an image folder {root}/train/<class>/*.jpg "
-                        f"and {root}/test/<class>/*.jpg") from None
-    tensors = [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
-    return ImageData(*tensors[0], *tensors[1], CIFAR_CLASSES)
+    def decode():
+        return {f"{split}_{k}": v for split, files in (("train", train), ("test", test)) for k, v in
+                (("x", _decode_all([p for p, _ in files], base)), ("y", torch.tensor([y for _, y in files])))}
+    t = _cached(root, [os.path.join(base, "wnids.txt"), os.path.join(base, "val", "val_annotations.txt")]
+                + [p for p, _ in train + test], decode)
+    return ImageData(t["train_x"], t["train_y"], t["test_x"], t["test_y"], tuple(wnids))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python files, which hold only dicts, lists, bytes and numpy arrays: nothing else
+    (no code) is let through."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+        return super().find_class(module, name)
+
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        return _ArrayUnpickler(f, encoding="latin1").load()
+
+
+def _read_cifar_batches(paths, label_key):
+    batches = [_unpickle(p) for p in paths]
+    x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([np.asarray(b[label_key]) for b in batches])
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+
+
+def _load_cifar10_python(root):
+    base = os.path.join(root, "cifar-10-batches-py")
+    train = _read_cifar_batches([os.path.join(base, f"data_batch_{i}") for i in range(1, 6)], "labels")
+    test = _read_cifar_batches([os.path.join(base, "test_batch")], "labels")
+    return ImageData(*train, *test, CIFAR_CLASSES)
+
+
+def _load_cifar100(root):
+    base = os.path.join(root, "cifar-100-python")
+    train = _read_cifar_batches([os.path.join(base, "train")], "fine_labels")
+    test = _read_cifar_batches([os.path.join(base, "test")], "fine_labels")
+    classes = tuple(_unpickle(os.path.join(base, "meta"))["fine_label_names"])
+    return ImageData(*train, *test, classes)
+
+
+def _load_svhn(root):
+    from scipy.io import loadmat
+
+    def split(name):
+        mat = loadmat(os.path.join(root, f"{name}_32x32.mat"))
+        x = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
+        y = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)  # SVHN labels digit 0 as 10
+        return x, y
+    return ImageData(*split("train"), *split("test"), tuple(str(d) for d in range(10)), flip=False)
+
+
+def _read_idx(path):
+    """An MNIST idx file (optionally gzipped) as a uint8 tensor of its stated shape."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    n_dims = raw[3]
+    shape = struct.unpack(f">{n_dims}I", raw[4:4 + 4 * n_dims])
+    return torch.frombuffer(bytearray(raw[4 + 4 * n_dims:]), dtype=torch.uint8).view(*shape)
+
+
+def _load_mnist(root):
+    base = root if os.path.exists(_mnist_file(root, "train-images-idx3-ubyte")) else os.path.join(root, "MNIST", "raw")
+    read = lambda name: _read_idx(_mnist_file(base, name))  # noqa: E731
+    return ImageData(read("train-images-idx3-ubyte")[:, None], read("train-labels-idx1-ubyte").long(),
+                     read("t10k-images-idx3-ubyte")[:, None], read("t10k-labels-idx1-ubyte").long(),
+                     tuple(str(d) for d in range(10)), crop_padding=0, flip=False)
+
+
+def _mnist_file(base, name):
+    plain = os.path.join(base, name)
+    return plain if os.path.exists(plain) else plain + ".gz"
+
+
+def _binary(ds):
+    """Keep two CIFAR-10 classes, relabelled 0 and 1."""
+    keep = [CIFAR_CLASSES.index(c) for c in BINARY_CLASSES]
+
+    def select(x, y):
+        mask = (y == keep[0]) | (y == keep[1])
+        return x[mask], (y[mask] == keep[1]).long()
+    return ImageData(*select(ds.train_x, ds.train_y), *select(ds.test_x, ds.test_y), BINARY_CLASSES)
+
+
+# ---------------------------------------------------------------- download and safe extraction
+
+def safe_extract(archive, target):
+    """Extract a zip or tar archive into target, refusing any member that would land outside it."""
+    target = os.path.realpath(target)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            _check_members(archive, target, zf.namelist())
+            zf.extractall(target)
+        return
+    with tarfile.open(archive) as tf:
+        members = tf.getmembers()
+        _check_members(archive, target, [m.name for m in members])
+        if any(m.issym() or m.islnk() for m in members):
+            raise DataError(f"{archive} holds links; refusing to extract it")
+        tf.extractall(target)
+
+
+def _check_members(archive, target, names):
+    for name in names:
+        dest = os.path.realpath(os.path.join(target, name))
+        if dest != target and not dest.startswith(target + os.sep):
+            raise DataError(f"{archive}: member {name!r} would be written outside {target}; refusing to extract it")
+
+
+def _download(dataset, root):
+    """Fetch the dataset's files into root (archives extracted there); DataError if that is impossible."""
+    from torchvision.datasets.utils import download_url
+
+    os.makedirs(root, exist_ok=True)
+    for name, url, md5 in DOWNLOADS[dataset]:
+        try:
+            download_url(url, root, name, md5)
+        except Exception as err:  # no network, a refused connection, a checksum mismatch
+            raise DataError(f"{dataset} not found in {root} and its download from {url} failed "
+                            f"({type(err).__name__}); put there {LAYOUTS[dataset]}") from None
+        if name.endswith((".zip", ".tar.gz")):
+            safe_extract(os.path.join(root, name), root)
+
+
+def _present(dataset, root):
+    paths = {"cifar10": "cifar-10-batches-py/test_batch", "cifar100": "cifar-100-python/meta",
+             "svhn": "test_32x32.mat", "tiny_imagenet": "tiny-imagenet-200/wnids.txt"}
+    if dataset == "mnist":
+        return any(os.path.exists(_mnist_file(b, "t10k-labels-idx1-ubyte")) for b in (root, f"{root}/MNIST/raw"))
+    return os.path.exists(os.path.join(root, paths[dataset]))
+
+
+READERS = {"cifar10": _load_cifar10_python, "cifar100": _load_cifar100, "svhn": _load_svhn, "mnist": _load_mnist,
+           "tiny_imagenet": _load_tiny_imagenet}
 
 
 def load_data(dataset, data_dir):
-    """CIFAR-10 from an image folder (train/<class>/*, test/<class>/*) or torchvision's python version."""
-    if dataset != "cifar10":
-        raise DataError(f"unknown dataset {dataset!r}: choose cifar10")
-    if has_image_folder_layout(data_dir):
-        return _load_image_folder(data_dir)
-    return _load_torchvision_cifar10(data_dir)
+    """The named dataset from data_dir, downloaded there first when missing (except image folders)."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if dataset == "imagefolder" or (dataset in ("cifar10", "cifar10_binary") and has_image_folder_layout(data_dir)):
+        if not has_image_folder_layout(data_dir):
+            raise DataError(f"{data_dir} is not an image folder: expected {LAYOUTS['imagefolder']}")
+        ds = _load_image_folder(data_dir)
+    else:
+        source = "cifar10" if dataset == "cifar10_binary" else dataset
+        if not _present(source, data_dir):
+            _download(source, data_dir)
+        try:
+            ds = READERS[source](data_dir)
+        except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
+            raise DataError(f"{dataset} in {data_dir} is incomplete or damaged ({type(err).__name__}: {err}); "
+                            f"expected {LAYOUTS[dataset]}") from None
+    return _binary(ds) if dataset == "cifar10_binary" else ds
 
 
 def fixed_subset(n_total, n):

@@ -40,9 +40,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     a = p.add_argument
-    a("--dataset", default="cifar10", help="dataset name (cifar10)")
-    a("--data_dir", default="data", help="CIFAR-10 folder: image-folder layout train/<class>/*, test/<class>/*, "
-      "or torchvision's python version (downloaded here when missing)")
+    a("--dataset", default="cifar10", help=f"one of {', '.join(data.DATASETS)}")
+    a("--data_dir", default="data", help="the dataset's folder (downloaded there when missing); cifar10 also reads "
+      "an image folder train/<class>/*, test/<class>/*")
     a("--n_train", type=int, default=-1, help="train on this many examples (a fixed subset); -1: all")
     a("--model", default="resnet18", help=f"one of {', '.join(MODELS)}")
     a("--n_layers", type=int, default=1, help="cnn: number of 3x3 conv layers")
@@ -90,6 +90,7 @@ def check_args(args):
         if not ok:
             raise UsageError(f"--{flag}={getattr(args, flag)!r}: {allowed}")
 
+    need(args.dataset in data.DATASETS, "dataset", f"choose one of {', '.join(data.DATASETS)}")
     need(args.model in MODELS, "model", f"choose one of {', '.join(MODELS)}")
     need(args.lr_schedule in utils.LR_SCHEDULES, "lr_schedule", f"choose one of {', '.join(utils.LR_SCHEDULES)}")
     need(args.attack in ("fgsm", "pgd", "none"), "attack", "choose fgsm, pgd or none")

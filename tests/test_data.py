@@ -23,8 +23,9 @@ def test_image_folder_loads_images_labels_and_classes(tiny_data):
 
 def test_decoded_split_is_cached_and_invalidated(tiny_data):
     first = data.read_image_folder(os.path.join(tiny_data, "test"))
+    assert os.listdir(os.path.join(tiny_data, ".fast-at-cache"))  # next to the data, which is writable here
     cached = data.read_image_folder(os.path.join(tiny_data, "test"))
-    assert torch.equal(first[0], cached[0]) and torch.equal(first[1], cached[1])
+    assert torch.equal(first[0], cached[0]) and torch.equal(first[1], cached[1]) and cached[2] == first[2]
     new_image = torch.full((3, 8, 8), 7, dtype=torch.uint8)
     save_png(new_image, os.path.join(tiny_data, "test", "cat", "0000.png"))
     os.utime(os.path.join(tiny_data, "test", "cat", "0000.png"), ns=(1, 1))  # even with an old timestamp

@@ -46,3 +46,12 @@ def test_slurm_script_launches_torchrun(tmp_path):
     (line,) = dry_run(os.path.join("sh", "slurm_multinode.sbatch"), "runs/x", "data")
     assert line.startswith("torchrun --nnodes=1 --nproc_per_node=4")
     check_train_command(line, tmp_path)
+
+
+def test_tiny_imagenet_script_launches_torchrun_on_every_gpu(tmp_path):
+    lines = dry_run(os.path.join("sh", "tiny_imagenet_resnet34.sh"), "0,1,2,3", "runs/tiny")
+    assert len(lines) == 4 * 3
+    for line in lines:
+        assert line.startswith("CUDA_VISIBLE_DEVICES=0,1,2,3 torchrun --standalone --nproc_per_node=4 train.py")
+        args = check_train_command(line, tmp_path)
+        assert (args.dataset, args.model, args.sync_bn) == ("tiny_imagenet", "resnet34", True)

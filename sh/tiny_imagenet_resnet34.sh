@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Tiny ImageNet (200 classes, 64 px) with PreActResNet-34 on several GPUs of one machine, one torchrun per run:
+# every method x every seed in turn, each run data-parallel over all the given GPUs.
+# --batch_size is the global batch, split over the GPUs.
+#
+# Usage: bash sh/tiny_imagenet_resnet34.sh GPU_IDS OUT_DIR [DATA_DIR]
+#   GPU_IDS  comma-separated, e.g. 0,1,2,3
+#   OUT_DIR  parent of the run directories, e.g. runs/tiny_imagenet
+#   DATA_DIR holds (or receives, downloaded) tiny-imagenet-200/ (default: data)
+# DRY_RUN=1 prints the commands without running them.
+set -euo pipefail
+GPU_IDS=${1:?usage: bash sh/tiny_imagenet_resnet34.sh GPU_IDS OUT_DIR [DATA_DIR]}
+OUT_DIR=${2:?usage: bash sh/tiny_imagenet_resnet34.sh GPU_IDS OUT_DIR [DATA_DIR]}
+DATA_DIR=${3:-data}
+cd "$(dirname "$0")/.."
+
+EPS=8
+SEEDS=(0 1998 2022)
+FGSM="--attack=fgsm --attack_init=zero --fgsm_alpha=1.0"
+declare -A METHODS=(
+  [fgsm]="$FGSM"
+  [vfsat]="$FGSM --discrete_eps"
+  [gradsum]="$FGSM --grad_input_sum_coeff=10"
+  [gradalign]="$FGSM --grad_align_cos_lambda=0.2"
+)
+N_GPUS=$(tr ',' '\n' <<< "$GPU_IDS" | wc -l)
+COMMON="--dataset=tiny_imagenet --data_dir=$DATA_DIR --out_dir=$OUT_DIR --model=resnet34 --eps=$EPS --epochs=96
+        --batch_size=256 --lr_max=0.04 --eval_iter_freq=400 --attack_iters=50 --n_restarts=10
+        --batch_size_eval=512 --eval_early_stopped_model --n_final_eval=-1 --sync_bn"
+for method in fgsm vfsat gradsum gradalign; do
+  for seed in "${SEEDS[@]}"; do
+    cmd="torchrun --standalone --nproc_per_node=$N_GPUS train.py $COMMON ${METHODS[$method]} --seed=$seed
+         --run_name=tiny-resnet34-$method-eps$EPS-seed$seed"
+    cmd=$(echo $cmd)
+    echo "CUDA_VISIBLE_DEVICES=$GPU_IDS $cmd"
+    [ "${DRY_RUN:-0}" = 1 ] || CUDA_VISIBLE_DEVICES=$GPU_IDS $cmd
+  done
+done
+[ "${DRY_RUN:-0}" = 1 ] || ${PYTHON:-python} report.py "$OUT_DIR"/tiny-resnet34-* --out "$OUT_DIR/table.md"
