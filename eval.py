@@ -15,7 +15,6 @@ from argparse import Namespace
 
 import torch
 
-import attacks
 import data
 import train
 import utils
@@ -26,8 +25,8 @@ SAVED_MODELS = ("last", "early_stopped", "best_test")
 
 def fgsm_accuracy(model, x_u8, y, eps, step, batch_size):
     """Accuracy under FGSM from a zero start with the given step, projected to the eps-ball."""
-    fn = lambda xb, yb: utils.clean_correct(model, xb + attacks.fgsm(model, xb, yb, eps, step), yb)  # noqa: E731
-    return utils.fraction_true(fn, batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))[0]
+    return utils.fraction_true(train.fgsm_correct_fn(model, eps, step),
+                               batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))[0]
 
 
 def batches(x_u8, y, batch_size, desc):
@@ -36,9 +35,8 @@ def batches(x_u8, y, batch_size, desc):
 
 def pgd_accuracy(model, x_u8, y, eps, n_iters, n_restarts, batch_size):
     """Accuracy under PGD-n_iters-n_restarts with step eps/4 (robust = no restart misclassifies)."""
-    fn = lambda xb, yb: attacks.pgd_robust(model, xb, yb, eps, eps * train.PGD_EVAL_STEP_FRACTION,  # noqa: E731
-                                           n_iters, n_restarts)
-    return utils.fraction_true(fn, batches(x_u8, y, batch_size, f"PGD-{n_iters}-{n_restarts}"))[0]
+    return utils.fraction_true(train.robust_fn(model, eps, n_iters, n_restarts),
+                               batches(x_u8, y, batch_size, f"PGD-{n_iters}-{n_restarts}"))[0]
 
 
 def autoattack_accuracy(model, x_u8, y, eps, n_classes, batch_size, seed):

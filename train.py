@@ -225,14 +225,15 @@ def train_step(model, opt, scaler, autocast, x, y, eps, args, carried_delta=None
 
 # ---------------------------------------------------------------- evaluation
 
-def robust_fn(model, eps, args, skip_broken=True):
-    """(x, y) -> mask of examples robust to PGD-attack_iters-n_restarts with step eps/4."""
-    return lambda x, y: attacks.pgd_robust(model, x, y, eps, eps * PGD_EVAL_STEP_FRACTION, args.attack_iters,
-                                           args.n_restarts, skip_broken)
+def robust_fn(model, eps, n_iters, n_restarts, skip_broken=True):
+    """(x, y) -> mask of examples robust to PGD-n_iters-n_restarts with step eps/4."""
+    return lambda x, y: attacks.pgd_robust(model, x, y, eps, eps * PGD_EVAL_STEP_FRACTION, n_iters, n_restarts,
+                                           skip_broken)
 
 
-def fgsm_correct_fn(model, eps):
-    return lambda x, y: utils.clean_correct(model, x + attacks.fgsm(model, x, y, eps, eps), y)
+def fgsm_correct_fn(model, eps, step=None):
+    """(x, y) -> mask of examples still correct after FGSM from zero with `step` (default eps)."""
+    return lambda x, y: utils.clean_correct(model, x + attacks.fgsm(model, x, y, eps, step or eps), y)
 
 
 def grad_cosine_fn(model, eps):
@@ -248,7 +249,7 @@ def accuracies(model, x_u8, y, eps, args, kinds=("clean", "fgsm", "pgd")):
     """Accuracies of the eval-mode model on this process's share of the points, each a fraction of all points
     over all processes, and the number of points they cover."""
     fns = {"clean": lambda xb, yb: utils.clean_correct(model, xb, yb), "fgsm": fgsm_correct_fn(model, eps),
-           "pgd": robust_fn(model, eps, args)}
+           "pgd": robust_fn(model, eps, args.attack_iters, args.n_restarts)}
     model.eval()
     row, n_points = {}, 0
     n_batches = -(-len(y) // args.batch_size_eval)
