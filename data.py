@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import struct
 import tarfile
 import zipfile
@@ -300,11 +301,14 @@ def _download(dataset, root):
     """Fetch the dataset's files into root (archives extracted there); DataError if that is impossible."""
     from torchvision.datasets.utils import download_url
 
+    created = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
     for name, url, md5 in DOWNLOADS[dataset]:
         try:
             download_url(url, root, name, md5)
         except Exception as err:  # no network, a refused connection, a checksum mismatch
+            if created:  # leave nothing behind
+                shutil.rmtree(root, ignore_errors=True)
             raise DataError(f"{dataset} not found in {root} and its download from {url} failed "
                             f"({type(err).__name__}); put there {LAYOUTS[dataset]}") from None
         if name.endswith((".zip", ".tar.gz")):

@@ -173,6 +173,7 @@ def test_missing_dataset_without_network_names_folder_layout_and_source(tmp_path
     message = str(err.value)
     assert str(tmp_path / "none") in message and "wnids.txt" in message and "cs231n" in message
     assert "\n" not in message
+    assert not (tmp_path / "none").exists()  # the folder made for the download is gone again
 
 
 def test_resnet34_trains_on_64px_tiny_imagenet_through_the_command_line(tmp_path):

@@ -130,3 +130,14 @@ def test_default_run_name_has_no_spaces_or_colons():
     args = train.build_parser().parse_args(shlex.split("--discrete_eps --grad_input_sum_coeff=0.5"))
     name = train.method_name(args)
     assert name == "fgsm-vfsat-gradsum0.5" and re.match(train.RUN_NAME_PATTERN, name)
+
+
+def test_missing_data_exits_2_with_one_line_and_no_files(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.utils as tv_utils
+
+    monkeypatch.setattr(tv_utils, "download_url", lambda *a, **kw: (_ for _ in ()).throw(OSError("offline")))
+    missing = tmp_path / "no_data_here"
+    assert train.main(shlex.split(f"{TINY_RUN} --data_dir={missing} --out_dir={tmp_path / 'runs'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "cifar-10-batches-py" in err[0]
+    assert not missing.exists() and not (tmp_path / "runs").exists()
