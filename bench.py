@@ -30,6 +30,8 @@ METHODS = {  # name: train.py flags on top of --attack=fgsm --attack_init=zero -
     "FGSM+VFSAT": "--discrete_eps",
     "FGSM+GradSum": "--grad_input_sum_coeff=10",
     "FGSM+GradAlign": "--grad_align_cos_lambda=0.2",
+    "FGSM-RS+GradSum": "--attack_init=random --grad_input_sum_coeff=10",  # reuses the gradient at the start
+    "FGSM-RS+GradAlign": "--attack_init=random --grad_align_cos_lambda=0.2",  # needs a gradient at x too
     "PGD-2": "--attack=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4",
     "PGD-10": "--attack=pgd --pgd_train_n_iters=10 --pgd_alpha_train=2",
 }

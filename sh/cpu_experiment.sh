@@ -35,4 +35,4 @@ for name in fgsm fgsm-vfsat fgsm-gradsum; do
     "${cmd[@]}"
   fi
 done
-"$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --out "$OUT_DIR/table.md"
+"$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --out "$OUT_DIR/table.md" --plots "$OUT_DIR/plots"
