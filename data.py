@@ -100,9 +100,10 @@ def _cache_path(data_dir, key_files):
     digest = hashlib.sha1()
     for path in key_files:
         st = os.stat(path)
-        digest.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+        digest.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     cache_dir = os.path.join(data_dir, ".fast-at-cache")
-    if not os.access(data_dir, os.W_OK):
+    # a folder without write permission bits stays untouched, even for root (whom os.access lets write anywhere)
+    if not (os.access(data_dir, os.W_OK) and os.stat(data_dir).st_mode & 0o222):
         cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fast-at")
     return os.path.join(cache_dir, digest.hexdigest()[:20] + ".pt")
 

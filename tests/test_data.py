@@ -84,3 +84,13 @@ def test_fixed_subset_ignores_run_seed():
     torch.manual_seed(456)
     assert torch.equal(a, data.fixed_subset(1000, 50)) and len(a.unique()) == 50
     assert torch.equal(data.fixed_subset(10, -1), torch.arange(10))
+
+
+def test_read_only_data_folder_is_never_written(tiny_data, tmp_path):
+    os.chmod(tiny_data, 0o555)  # as a shared, read-only copy of a dataset
+    try:
+        data.read_image_folder(os.path.join(tiny_data, "train"))
+        assert not os.path.exists(os.path.join(tiny_data, ".fast-at-cache"))
+        assert os.listdir(tmp_path / "cache" / "fast-at")  # the user's cache folder instead
+    finally:
+        os.chmod(tiny_data, 0o755)
