@@ -209,7 +209,7 @@ def train_step(model, opt, scaler, autocast, x, y, eps, args, carried_delta=None
             delta, reuse = attacks.clip_delta(x, start, eps).requires_grad_(True), {}
         else:
             delta, reuse = perturb(model, x, y, eps, args, loss_scale)
-        logits = (net or model)(x + delta)
+        logits = (net if net is not None else model)(x + delta)
         loss = F.cross_entropy(logits, y)
         reg = regulariser(model, x, y, eps, args, reuse, loss_scale)
     opt.zero_grad(set_to_none=True)
