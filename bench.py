@@ -17,9 +17,12 @@ import argparse
 import shlex
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
+import attacks
+import data
 import train
 import utils
 from models import build_model
@@ -65,7 +68,7 @@ def bench_methods(model, x, y, eps, base_flags, device, n_iters, rounds):
         args = method_args(flags, base_flags)
         opt = train.build_optimizer(model, args)
         scaler = torch.amp.GradScaler(device.type, enabled=args.half_prec)
-        autocast = torch.autocast(device.type, dtype=torch.float16) if args.half_prec else train.nullcontext()
+        autocast = torch.autocast(device.type, dtype=torch.float16) if args.half_prec else nullcontext()
         setups[name] = (opt, scaler, autocast, args)
         time_iterations(model, opt, scaler, autocast, x, y, eps, args, 1)
     times = {name: [] for name in METHODS}
@@ -84,7 +87,7 @@ def bench_eval(model, x, y, eps, batch_size, skip_broken):
     robust = 0
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        robust += int(train.attacks.pgd_robust(model, xb, yb, eps, eps / 4, README_EVAL["attack_iters"],
+        robust += int(attacks.pgd_robust(model, xb, yb, eps, eps / 4, README_EVAL["attack_iters"],
                                                README_EVAL["n_restarts"], skip_broken).sum())
     sync(x.device)
     model.train()
@@ -99,10 +102,10 @@ def bench_data_pipeline(device, batch_size, n_iters):
         n = 8 * batch_size
         x_u8 = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
         y = torch.randint(0, n_classes, (n,), device=device)
-        gen = train.data.epoch_generator(0, 0, device)
+        gen = data.epoch_generator(0, 0, device)
         sync(device)
         start = time.perf_counter()
-        for xb, _ in train.data.train_batches(x_u8, y, batch_size, gen):
+        for xb, _ in data.train_batches(x_u8, y, batch_size, gen):
             pass
         sync(device)
         pipeline = n // batch_size * batch_size / (time.perf_counter() - start)
@@ -111,8 +114,8 @@ def bench_data_pipeline(device, batch_size, n_iters):
         opt = train.build_optimizer(model, args)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         xb, yb = x_u8[:batch_size].float() / 255, y[:batch_size]
-        time_iterations(model, opt, scaler, train.nullcontext(), xb, yb, 8 / 255, args, 1)  # warm-up
-        step = batch_size / time_iterations(model, opt, scaler, train.nullcontext(), xb, yb, 8 / 255, args, n_iters)
+        time_iterations(model, opt, scaler, nullcontext(), xb, yb, 8 / 255, args, 1)  # warm-up
+        step = batch_size / time_iterations(model, opt, scaler, nullcontext(), xb, yb, 8 / 255, args, n_iters)
         rows.append((name, model_name, size, pipeline, step))
     return rows
 
@@ -122,12 +125,12 @@ def load_inputs(args, device):
     if args.checkpoint:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         run = argparse.Namespace(**ckpt["args"])
-        dataset = train.data.load_data(run.dataset, run.data_dir)
+        dataset = data.load_data(run.dataset, run.data_dir)
         mean, std = dataset.mean_std()
         model = build_model(run.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean, std,
                             run.n_layers, run.n_filters_cnn)
         model.load_state_dict(ckpt["model"])
-        idx = train.data.fixed_subset(len(dataset.test_y), max(args.batch_size, args.eval_points))
+        idx = data.fixed_subset(len(dataset.test_y), max(args.batch_size, args.eval_points))
         x, y = dataset.test_x[idx].float() / 255, dataset.test_y[idx]
         base = f"--model={run.model} --n_layers={run.n_layers} --n_filters_cnn={run.n_filters_cnn} --eps={run.eps}"
         return model.to(device), x.to(device), y.to(device), run.eps, base
@@ -142,7 +145,7 @@ def load_inputs(args, device):
     return model.to(device), x.to(device), y.to(device), args.eps, base
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", help="a train.py checkpoint: benchmark its model on its test images")
@@ -157,7 +160,7 @@ def main():
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
     p.add_argument("--batch_size_eval", type=int, default=256)
     p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval (after methods), data")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     sections = args.sections.split(",")
     device = utils.choose_device(args.device)
     model, x, y, eps_px, base = load_inputs(args, device)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils import atomic_torch_save
+
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BINARY_CLASSES = ("deer", "ship")  # the paper's binary analysis data: two CIFAR-10 classes
 DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "cifar10_binary", "tiny_imagenet", "imagefolder")
@@ -118,9 +120,7 @@ def _cached(data_dir, key_files, decode):
             pass
     tensors = decode()
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    torch.save(tensors, tmp)
-    os.replace(tmp, cache)
+    atomic_torch_save(tensors, cache)
     return tensors
 
 

@@ -43,23 +43,23 @@ def training_eps(eps, epoch, discrete_eps):
     return cycle[epoch % len(cycle)]
 
 
-def atomic_torch_save(obj, path):
-    """Save so that `path` is either the old complete file or the new complete file, never a torn one."""
+def atomic_write(path, write, binary=True):
+    """Call write(file) on a temporary file, then rename it to path: path is always the old complete file or the
+    new complete one, never a torn one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def write_jsonl(rows, path):
