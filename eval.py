@@ -134,11 +134,21 @@ def main(argv=None):
             continue
         model.load_state_dict(states[name])
         results["models"][name] = evaluate(model, x, y, opts.eps, opts, dataset.n_classes)
-    out = os.path.join(run_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = new_result_path(run_dir)
     utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
     print(format_table(results))
     print(f"written to {out}")
     return 0
+
+
+def new_result_path(run_dir):
+    """RUN/eval-<date-time>.json, with a suffix when that name is taken: earlier results are never overwritten."""
+    stem = os.path.join(run_dir, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, k = stem + ".json", 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{stem}-{k}.json"
+    return path
 
 
 def format_table(results):
