@@ -27,7 +27,8 @@ def tiny_data_module(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["--attack=fgsm --grad_input_sum_coeff=1 --attack_init=random",
-                                    "--attack=fgsm --minibatch_replay=2", "--model=resnet18 --discrete_eps"])
+                                    "--attack=fgsm --minibatch_replay=2", "--model=resnet18 --discrete_eps",
+                                    "--attack=pgd --pgd_train_n_iters=2 --grad_align_cos_lambda=0.2 --half_prec"])
 def test_two_processes_train_one_model(method, tmp_path, tiny_data_module):
     run_dir, out = launch(tmp_path, tiny_data_module, "ddp", method, 2)
     assert "2 processes hold identical weights" in out
