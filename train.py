@@ -5,6 +5,7 @@
 Every pixel-valued flag (eps, step sizes) is in pixels/255; images are in [0, 1].
 """
 import argparse
+import gc
 import json
 import os
 import re
@@ -598,6 +599,7 @@ def main(argv=None):
         log.info(f"run directory {run_dir}")
         run(args, dataset, log, run_dir, checkpoint)
         if utils.is_distributed():
+            gc.collect()  # free DDP's pending gloo work now, not during interpreter shutdown (an abort)
             torch.distributed.barrier()  # no process tears the group down while another still uses it
     except FloatingPointError as err:
         log.error(f"error: {err}")
