@@ -1,7 +1,7 @@
 """Gather run directories into the paper's table: one row per (dataset, model, method, eps), mean ± std over seeds,
 and plot training curves: clean, FGSM and PGD accuracy against iterations, learning rate and VFSAT eps beneath.
 
-    python report.py runs/*                                  # Markdown table on stdout
+    python report.py runs                                    # every run below runs/: Markdown table on stdout
     python report.py runs/* --out results.md --plots plots/  # and RUN/curves.png, plots/<group>.png
 """
 import argparse
@@ -82,6 +82,14 @@ def mean_std(values):
     return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
 
 
+def find_runs(path):
+    """path itself if it is a run directory (it has metrics.jsonl), else the run directories below it, sorted."""
+    if os.path.exists(os.path.join(path, "metrics.jsonl")):
+        return [path]
+    found = [root for root, _, files in os.walk(path) if "metrics.jsonl" in files]
+    return sorted(found)
+
+
 def group_runs(run_dirs):
     """{group key: [(run_dir, values, wall_s)]} of the finished runs."""
     groups = {}
@@ -115,13 +123,15 @@ def table(run_dirs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", help="run directories written by train.py")
+    p.add_argument("paths", nargs="+", help="run directories written by train.py, or folders holding them")
     p.add_argument("--out", help="also write the table to this Markdown file")
     p.add_argument("--plots", metavar="DIR", help="write RUN/curves.png for each run and DIR/<group>.png")
     args = p.parse_args(argv)
-    missing = [d for d in args.run_dirs if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
-    if missing:
-        print(f"report.py: error: {missing[0]} is not a run directory (no metrics.jsonl)", file=sys.stderr)
+    args.run_dirs = [d for path in args.paths for d in find_runs(path)]
+    empty = [path for path in args.paths if not find_runs(path)]
+    if empty:
+        print(f"report.py: error: {empty[0]} is not a run directory and holds none (no metrics.jsonl)",
+              file=sys.stderr)
         return 2
     text = table(args.run_dirs)
     print(text, end="")

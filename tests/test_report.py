@@ -56,3 +56,11 @@ def test_plots_are_written_per_run_and_per_group(tmp_path):
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_folder_of_runs_is_searched_for_run_directories(tmp_path, capsys):
+    (tmp_path / "table").mkdir()
+    make_run(tmp_path / "table", "a", {}, 0, {"last": (0.8, 0.6, 0.40)})
+    make_run(tmp_path / "table", "b", {}, 1, {"last": (0.8, 0.6, 0.44)})
+    assert report.main([str(tmp_path)]) == 0
+    assert cells(capsys.readouterr().out, "fgsm")[5] == "2"
