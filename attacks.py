@@ -1,123 +1,86 @@
-"""L-inf attacks and input-gradient regularisers.
+"""L-inf attacks and input-gradient regularisers, as the original code computes them.
 
-Every function takes a model and images x in [0, 1] (eps and step sizes in the same units, i.e. pixels/255
-already divided by 255), returns a perturbation, a mask or a scalar, and never touches parameter `.grad`:
-input gradients are taken with `torch.autograd.grad` with respect to the input only.
+Every function takes a model and images x in [0, 1] (eps and step sizes in the same units: pixels/255 already
+divided by 255), returns a perturbation, a mask or a scalar, and never touches parameter `.grad`: input
+gradients come from `torch.autograd.grad` with respect to the perturbation only.
 
-`loss_scale` is the mixed-precision loss scale (a float or a 0-d tensor, 1 without loss scaling): losses are
-multiplied by it before differentiation so that fp16 gradients do not underflow, and gradients are divided
-by it afterwards, so callers always see true gradients.
+Two details of the original matter and are kept:
+- where it feeds `clamp(x + delta, 0, 1)` to the model, the gradient with respect to delta is zero where the
+  clamp binds and halved where x + delta sits exactly on 0 or 1 (its clamp is torch.min/torch.max);
+- random points of the eps-ball (`uniform_delta`) are never clipped to [0, 1]; only the step that follows is.
+
+`loss_scale` is the mixed-precision loss scale (a float or a 0-d tensor; 1 without loss scaling): losses are
+multiplied by it before differentiation so that fp16 gradients do not underflow, and gradients are divided by it
+afterwards, so callers always see true gradients.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 PIXEL = 1 / 255  # one intensity level of an 8-bit image, in [0, 1] units
+LOSS_MARGIN = 1e-3  # nats: cross-entropy above ln(K) + this is misclassified whatever the rounding
 
 
-def clip_delta(x, delta, eps):
-    """Project delta onto the L-inf eps-ball and keep x + delta inside [0, 1]."""
-    return torch.minimum(torch.maximum(delta.clamp(-eps, eps), -x), 1 - x)
+def clamp01(z):
+    """z clipped to [0, 1] the way the original clips (torch.min then torch.max: a tie passes half the gradient)."""
+    one = z.new_ones(())
+    return torch.maximum(torch.minimum(z, one), one * 0)
+
+
+def project(x, delta, eps):
+    """delta clipped to the L-inf eps-ball, then x + delta to [0, 1]."""
+    return clamp01(x + delta.clamp(-eps, eps)) - x
 
 
 def uniform_delta(x, eps, on_grid=False):
-    """A point drawn uniformly from the eps-ball around x, optionally rounded to the 1/255 grid."""
+    """A point drawn uniformly from the eps-ball, optionally rounded to the 1/255 grid; not clipped to [0, 1]."""
     delta = (torch.rand_like(x) * 2 - 1) * eps
-    if on_grid:
-        delta = torch.round(delta / PIXEL) * PIXEL
-    return clip_delta(x, delta, eps)
+    return torch.round(delta / PIXEL) * PIXEL if on_grid else delta
 
 
-def _loss_grad(model, x_adv, y, create_graph=False, loss_scale=1.0, reduction="mean"):
-    """Gradient of the cross-entropy with respect to the input x_adv, and the logits at x_adv."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    logits = model(x_adv)
-    loss = F.cross_entropy(logits, y, reduction=reduction)
-    (grad,) = torch.autograd.grad(loss * loss_scale, x_adv, create_graph=create_graph)
-    return grad / loss_scale, logits.detach()
+def input_grad(model, x, delta, y, clip=True, create_graph=False, loss_scale=1.0, reduction="mean"):
+    """(Gradient of the cross-entropy at model(clamp01(x + delta)) with respect to delta, the logits there).
 
-
-def input_grad(model, x_adv, y, create_graph=False, loss_scale=1.0):
-    """Gradient of the batch-mean cross-entropy with respect to the input, at x_adv.
-
-    With create_graph the result stays differentiable in the parameters (for double backprop).
+    clip=False feeds x + delta itself. With create_graph the gradient stays differentiable in the parameters
+    (double backprop) and in delta when delta requires grad.
     """
-    return _loss_grad(model, x_adv, y, create_graph, loss_scale)[0]
+    if not delta.requires_grad:
+        delta = delta.detach().requires_grad_(True)
+    z = x + delta
+    logits = model(clamp01(z) if clip else z)
+    loss = F.cross_entropy(logits, y, reduction=reduction)
+    (grad,) = torch.autograd.grad(loss * loss_scale, delta, create_graph=create_graph)
+    return grad / loss_scale, logits
 
 
-def sign_step(x, delta, grad, eps, step):
-    """One signed-gradient ascent step of size `step`, projected back to the ball and [0, 1].
+def signed_step(x, delta, grad, eps, step):
+    """delta + step * sign(grad), projected to the eps-ball and [0, 1]; `step` may be a tensor (MAST).
 
     NaN gradients (an fp16 overflow) give no step rather than a NaN input.
     """
-    return clip_delta(x, delta + step * torch.nan_to_num(grad.detach()).sign(), eps)
+    return project(x, delta + step * torch.nan_to_num(grad.detach()).sign(), eps)
 
 
-def fgsm(model, x, y, eps, step, delta_init=None, loss_scale=1.0):
-    """FGSM: one signed step of size `step` from delta_init (zero if None), projected to the eps-ball."""
-    delta = torch.zeros_like(x) if delta_init is None else delta_init
-    return sign_step(x, delta, input_grad(model, x + delta, y, loss_scale=loss_scale), eps, step)
-
-
-def pgd(model, x, y, eps, step, n_iters, delta_init=None, loss_scale=1.0):
-    """PGD: n_iters signed steps of size `step` from delta_init (zero if None); returns the last iterate."""
-    delta = torch.zeros_like(x) if delta_init is None else delta_init
-    for _ in range(n_iters):
-        delta = sign_step(x, delta, input_grad(model, x + delta, y, loss_scale=loss_scale), eps, step)
-    return delta
-
-
-def _pgd_survivors(model, x, y, eps, step, n_iters, delta_init):
-    """Robust mask of one PGD restart, where an example counts as broken at the first iterate that
-    misclassifies it, and broken examples leave the batch (so later iterations cost less)."""
-    robust = torch.ones_like(y, dtype=torch.bool)
-    active = torch.arange(len(y), device=y.device)
+def pgd_train(model, x, y, eps, step, n_iters, delta_init, loss_scale=1.0):
+    """PGD for training: n_iters signed steps from delta_init, the gradient taken at clamp01(x + delta);
+    returns the last iterate."""
     delta = delta_init
     for _ in range(n_iters):
-        # the gradient's forward pass also classifies the current iterate, so checking costs nothing extra
-        grad, logits = _loss_grad(model, x[active] + delta, y[active], reduction="sum")
-        still = logits.argmax(1) == y[active]
-        robust[active[~still]] = False
-        active, delta, grad = active[still], delta[still], grad[still]
-        if not len(active):
-            return robust
-        delta = sign_step(x[active], delta, grad, eps, step)
-    with torch.no_grad():
-        robust[active] = model(x[active] + delta).argmax(1) == y[active]
-    return robust
+        delta = signed_step(x, delta, input_grad(model, x, delta, y, loss_scale=loss_scale)[0], eps, step)
+    return delta.detach()
 
 
-def pgd_robust(model, x, y, eps, step, n_iters, n_restarts, skip_broken=True):
-    """Boolean mask of the examples that PGD-n_iters with n_restarts random starts does not misclassify.
-
-    An example is robust only if no restart misclassifies it. With skip_broken, each restart attacks only the
-    examples still robust and an example is broken at any misclassified iterate; without, every restart
-    attacks every example and only its last iterate is checked. Both draw the same random starts, and in
-    eval mode each example's trajectory does not depend on the others, so skip_broken never reports a
-    higher robust accuracy than the plain evaluation.
-    """
-    with torch.no_grad():
-        robust = model(x).argmax(1) == y
-    for _ in range(n_restarts):
-        delta_init = uniform_delta(x, eps)  # drawn for the whole batch in both modes: same starts
-        if skip_broken:
-            idx = robust.nonzero().squeeze(1)
-            if len(idx):
-                robust[idx] = _pgd_survivors(model, x[idx], y[idx], eps, step, n_iters, delta_init[idx])
-        else:
-            delta = delta_init
-            for _ in range(n_iters):
-                grad, _ = _loss_grad(model, x + delta, y, reduction="sum")
-                delta = sign_step(x, delta, grad, eps, step)
-            with torch.no_grad():
-                robust &= model(x + delta).argmax(1) == y
-    return robust
+def corner(x, delta, eps):
+    """The eps-ball's corner in the direction of delta, clipped to [0, 1] (the original's pgd_corner)."""
+    return clamp01(x + eps * torch.sign(delta)) - x
 
 
 def grad_sum_penalty(model, x, y, eps, loss_scale=1.0):
-    """GradSum: L2 norm of the whole batch's input gradient at x + eta, with eta uniform in the eps-ball
-    on the 1/255 grid; differentiable in the parameters (double backprop)."""
-    delta = uniform_delta(x, eps, on_grid=True)
-    return input_grad(model, x + delta, y, create_graph=True, loss_scale=loss_scale).norm()
+    """GradSum: L2 norm of the whole batch's input gradient at x + eta, eta uniform in the eps-ball on the
+    1/255 grid and unclipped; differentiable in the parameters (double backprop)."""
+    eta = uniform_delta(x, eps, on_grid=True)
+    return input_grad(model, x, eta, y, clip=False, create_graph=True, loss_scale=loss_scale)[0].norm()
 
 
 def gradient_cosines(grad_a, grad_b):
@@ -125,19 +88,90 @@ def gradient_cosines(grad_a, grad_b):
     a, b = grad_a.flatten(1), grad_b.flatten(1)
     norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
     valid = (norm_a > 0) & (norm_b > 0)
-    cos = (a * b).sum(1) / (norm_a * norm_b).clamp_min(torch.finfo(a.dtype).tiny)
-    return cos, valid
+    safe = lambda n: torch.where(valid, n, 1.0)  # noqa: E731  (no 0/0, not even in the unused branch's backward)
+    return (a * b).sum(1) / (safe(norm_a) * safe(norm_b)), valid
 
 
-def grad_align_penalty(model, x, y, eps, grad_clean=None, loss_scale=1.0):
-    """GradAlign: 1 - mean cosine between the input gradients at x and at x + eta (eta uniform in the
-    eps-ball), over examples whose two gradients are non-zero; 0 if there are none.
+def grad_align_penalty(model, x, y, eps, grad_first, loss_scale=1.0, empty_is_zero=False):
+    """GradAlign: 1 - mean cosine between grad_first and the input gradient at x + eta (eta uniform in the
+    eps-ball on the 1/255 grid, unclipped, differentiated through), over the examples whose two gradients are
+    non-zero. With none, the original's mean of nothing is NaN; empty_is_zero gives 0 instead.
 
-    The gradient at x is a constant (pass it in to reuse the zero-init FGSM gradient); the one at x + eta
-    is differentiated through.
+    grad_first is used as given: detached, it is a constant; differentiable, the double backprop goes through it.
     """
-    if grad_clean is None:
-        grad_clean = input_grad(model, x, y, loss_scale=loss_scale)
-    grad_noisy = input_grad(model, x + uniform_delta(x, eps), y, create_graph=True, loss_scale=loss_scale)
-    cos, valid = gradient_cosines(grad_clean.detach(), grad_noisy)
-    return torch.where(valid, 1 - cos, 0).sum() / valid.sum().clamp_min(1)
+    eta = uniform_delta(x, eps, on_grid=True)
+    grad_eta = input_grad(model, x, eta, y, clip=False, create_graph=True, loss_scale=loss_scale)[0]
+    cos, valid = gradient_cosines(grad_first, grad_eta)
+    n_valid = valid.sum()
+    mean = torch.where(valid, cos, 0).sum() / (n_valid.clamp_min(1) if empty_is_zero else n_valid)
+    return 1 - mean
+
+
+def cosines_or_one(a, b):
+    """Per-example cosine between a and b, 1 where either is zero (the original's nan -> 1 rule)."""
+    cos, valid = gradient_cosines(a, b)
+    return torch.where(valid, cos, 1.0)
+
+
+def grad_cosines(model, x, y, eps):
+    """Per-example cosine between the input gradients at x and at x + eta (eta uniform on the grid), both through
+    the [0, 1] clamp, as the original's periodic log computes it."""
+    grad_x = input_grad(model, x, torch.zeros_like(x), y)[0]
+    grad_eta = input_grad(model, x, uniform_delta(x, eps, on_grid=True), y)[0]
+    return cosines_or_one(grad_x, grad_eta)
+
+
+@torch.no_grad()
+def _final_point(model, x, delta, y):
+    logits = model(x + delta)
+    return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y
+
+
+def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True):
+    """The original's PGD-n_iters-n_restarts evaluation of the model as it is (eval mode expected).
+
+    Each restart starts uniformly in the eps-ball (unclipped), takes n_iters signed steps, each projected to
+    [0, 1] and the ball, on every example; per example the final iterate of the restart with the highest loss
+    is kept (ties go to the later restart). Returns (correct at the kept point, robust under the strict rule,
+    kept perturbation). The strict rule also counts an example as broken when it is misclassified clean or at
+    any iterate after a step of any restart; it is never above the original accuracy.
+
+    skip_lost: an example whose kept loss exceeds ln(K) (K classes) is misclassified and can only be replaced
+    by a point of even higher loss, so later restarts skip it. The random starts are drawn for the whole batch
+    either way, and in eval mode every example's trajectory is its own, so the results are the same.
+    """
+    kept_delta = torch.zeros_like(x)
+    with torch.no_grad():
+        logits = model(x)
+    broken = logits.argmax(1) != y
+    if n_iters == 0:
+        return ~broken, ~broken, kept_delta
+    lost_above = math.log(logits.shape[1]) + LOSS_MARGIN
+    max_loss = torch.zeros(len(y), device=x.device, dtype=x.dtype)
+    kept_correct = torch.zeros_like(broken)
+    for _ in range(n_restarts):
+        start = uniform_delta(x, eps)
+        active = (max_loss <= lost_above).nonzero().squeeze(1) if skip_lost else torch.arange(len(y), device=x.device)
+        if not len(active):
+            continue
+        xa, ya, delta = x[active], y[active], start[active]
+        for i in range(n_iters):
+            grad, logits = input_grad(model, xa, delta, ya, clip=False, reduction="sum")
+            if i > 0:  # the start may lie outside [0, 1]; every later iterate is an image
+                broken[active] |= logits.detach().argmax(1) != ya
+            delta = signed_step(xa, delta, grad, eps, step)
+        loss, correct = _final_point(model, xa, delta, ya)
+        broken[active] |= ~correct
+        better = loss >= max_loss[active]
+        kept_delta[active[better]] = delta[better]
+        kept_correct[active[better]] = correct[better]
+        max_loss[active] = torch.maximum(max_loss[active], loss)
+    return kept_correct, ~broken, kept_delta
+
+
+def fgsm_eval(model, x, y, step, radius):
+    """(correct, perturbation) under FGSM from a zero start with the given step, projected to the radius-ball
+    (radius >= step leaves the step unprojected, as the original's FGSM step-size sweep does past eps)."""
+    grad = input_grad(model, x, torch.zeros_like(x), y, clip=False, reduction="sum")[0]
+    delta = signed_step(x, torch.zeros_like(x), grad, radius, step)
+    return _final_point(model, x, delta, y)[1], delta

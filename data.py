@@ -22,9 +22,10 @@ from utils import atomic_torch_save
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BINARY_CLASSES = ("deer", "ship")  # the paper's binary analysis data: two CIFAR-10 classes
-DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "cifar10_binary", "tiny_imagenet", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "cifar10_binary", "cifar10_binary_gs", "tiny_imagenet",
+            "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-SUBSET_SEED = 0  # fixed: every run evaluates (and subsamples) the same points, whatever its --seed
+CACHE_VERSION = "2"  # bump when what a cache holds for the same files changes
 STAT_CHUNK = 4096  # images per chunk when computing channel statistics (bounds the float copy)
 
 # (file name, URL, md5 or None) of what each dataset downloads into --data_dir
@@ -53,7 +54,7 @@ LAYOUTS = {  # what each dataset expects inside --data_dir
                      "val/val_annotations.txt)",
     "imagefolder": "train/<class>/* and test/<class>/* images, all of one size",
 }
-LAYOUTS["cifar10_binary"] = LAYOUTS["cifar10"]
+LAYOUTS["cifar10_binary"] = LAYOUTS["cifar10_binary_gs"] = LAYOUTS["cifar10"]
 
 
 class DataError(Exception):
@@ -99,7 +100,7 @@ class ImageData:
 def _cache_path(data_dir, key_files):
     """A cache file keyed by every source file's path, size and modification time; in data_dir/.fast-at-cache
     when data_dir is writable, else in ~/.cache/fast-at."""
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(CACHE_VERSION.encode())
     for path in key_files:
         st = os.stat(path)
         digest.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -170,17 +171,18 @@ def _load_image_folder(root):
 
 
 def _load_tiny_imagenet(root):
-    """tiny-imagenet-200: classes in wnids.txt order; the labelled val split is the test set."""
+    """tiny-imagenet-200 in the original's order (torchvision ImageFolder): classes sorted by wnid, images
+    sorted by class and file name; the labelled val split is the test set."""
     base = os.path.join(root, "tiny-imagenet-200")
     with open(os.path.join(base, "wnids.txt")) as f:
-        wnids = [line.strip() for line in f if line.strip()]
+        wnids = sorted(line.strip() for line in f if line.strip())
     label = {wnid: i for i, wnid in enumerate(wnids)}
     train = [(os.path.join(base, "train", w, "images", name), label[w]) for w in wnids
              for name in sorted(os.listdir(os.path.join(base, "train", w, "images")))
              if name.lower().endswith(IMAGE_EXTENSIONS)]
     with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-        rows = [line.split("\t") for line in f if line.strip()]
-    test = [(os.path.join(base, "val", "images", r[0]), label[r[1]]) for r in rows]
+        rows = sorted((label[r[1]], r[0]) for r in (line.split("\t") for line in f if line.strip()))
+    test = [(os.path.join(base, "val", "images", name), y) for y, name in rows]
 
     def decode():
         return {f"{split}_{k}": v for split, files in (("train", train), ("test", test)) for k, v in
@@ -264,13 +266,34 @@ def _mnist_file(base, name):
 
 
 def _binary(ds):
-    """Keep two CIFAR-10 classes, relabelled 0 and 1."""
+    """Keep two CIFAR-10 classes (deer and ship), relabelled 0 and 1."""
     keep = [CIFAR_CLASSES.index(c) for c in BINARY_CLASSES]
 
     def select(x, y):
         mask = (y == keep[0]) | (y == keep[1])
         return x[mask], (y[mask] == keep[1]).long()
     return ImageData(*select(ds.train_x, ds.train_y), *select(ds.test_x, ds.test_y), BINARY_CLASSES)
+
+
+def _grayscale(ds):
+    """One channel: the mean of R, G and B rounded down (the original's data.mean(3).astype(uint8))."""
+    gray = lambda x: x.double().mean(1, keepdim=True).floor().to(torch.uint8)  # noqa: E731
+    return ImageData(gray(ds.train_x), ds.train_y, gray(ds.test_x), ds.test_y, ds.classes)
+
+
+def interleave_classes(ds):
+    """An image folder lists CIFAR-10 class by class; the original's first N evaluation points come from the
+    official files, where classes are mixed. Reorder so that point i is the (i // K)-th image of class i % K:
+    the first N points then cover every class, as there."""
+    def order(y):
+        rank_in_class = torch.zeros_like(y)
+        for c in y.unique():
+            idx = (y == c).nonzero().squeeze(1)
+            rank_in_class[idx] = torch.arange(len(idx))
+        return torch.argsort(rank_in_class * (int(y.max()) + 1) + y, stable=True)
+    train, test = order(ds.train_y), order(ds.test_y)
+    return ImageData(ds.train_x[train], ds.train_y[train], ds.test_x[test], ds.test_y[test], ds.classes,
+                     ds.crop_padding, ds.flip)
 
 
 # ---------------------------------------------------------------- download and safe extraction
@@ -332,12 +355,15 @@ def load_data(dataset, data_dir):
     """The named dataset from data_dir, downloaded there first when missing (except image folders)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    if dataset == "imagefolder" or (dataset in ("cifar10", "cifar10_binary") and has_image_folder_layout(data_dir)):
+    cifar10_like = dataset in ("cifar10", "cifar10_binary", "cifar10_binary_gs")
+    if dataset == "imagefolder" or (cifar10_like and has_image_folder_layout(data_dir)):
         if not has_image_folder_layout(data_dir):
             raise DataError(f"{data_dir} is not an image folder: expected {LAYOUTS['imagefolder']}")
         ds = _load_image_folder(data_dir)
+        if cifar10_like:
+            ds = interleave_classes(ds)
     else:
-        source = "cifar10" if dataset == "cifar10_binary" else dataset
+        source = "cifar10" if cifar10_like else dataset
         if not _present(source, data_dir):
             _download(source, data_dir)
         try:
@@ -345,14 +371,9 @@ def load_data(dataset, data_dir):
         except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
             raise DataError(f"{dataset} in {data_dir} is incomplete or damaged ({type(err).__name__}: {err}); "
                             f"expected {LAYOUTS[dataset]}") from None
-    return _binary(ds) if dataset == "cifar10_binary" else ds
-
-
-def fixed_subset(n_total, n):
-    """Indices of n points drawn without replacement by a fixed generator (all points if n < 0)."""
-    if n < 0 or n >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
+    if dataset.startswith("cifar10_binary"):
+        ds = _binary(ds)
+    return _grayscale(ds) if dataset == "cifar10_binary_gs" else ds
 
 
 def crop_flip_draws(n, generator, padding, flip):

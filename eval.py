@@ -1,91 +1,85 @@
 """Evaluate the saved models of a run: clean accuracy, PGD-k-r, an FGSM step-size sweep, AutoAttack.
 
-    python eval.py runs/RUN                                  # clean and PGD-50-10 of every saved model
-    python eval.py runs/RUN --pgd 50 10 --fgsm_sweep 1 2 4 8 12 --autoattack --n_points 1000
+    python eval.py runs/RUN                                  # clean and PGD-50-10 (step 1/255) of every saved model
+    python eval.py runs/RUN --fgsm_sweep 1 2 3 4 5 6 7 8 9 10 11 12 --autoattack --n_points 1000
 
-Writes RUN/eval-<date-time>.json and prints a table. AutoAttack (standard version) needs the optional extra:
-pip install -r requirements-autoattack.txt
+Defaults follow the original's eval.py and sh/eval.sh: PGD-50-10 with step 1/255, and FGSM steps larger than eps
+left unprojected (the ball grows to the step). Writes RUN/eval-<date-time>.json and prints a table.
 """
 import argparse
 import json
 import os
 import sys
 import time
-from argparse import Namespace
 
 import torch
 
+import config
 import data
-import train
+import evaluation
 import utils
-from models import build_model
+from config import UsageError
 
 SAVED_MODELS = ("last", "early_stopped", "best_test")
+ORIGINAL_PGD_STEP = 1.0  # pixels/255: the original eval.py's PGD step
 
 
-def fgsm_accuracy(model, x_u8, y, eps, step, batch_size):
-    """Accuracy under FGSM from a zero start with the given step, projected to the eps-ball."""
-    return utils.fraction_true(train.fgsm_correct_fn(model, eps, step),
-                               batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))[0]
-
-
-def batches(x_u8, y, batch_size, desc):
-    return utils.progress(data.eval_batches(x_u8, y, batch_size), -(-len(y) // batch_size), desc)
-
-
-def pgd_accuracy(model, x_u8, y, eps, n_iters, n_restarts, batch_size):
-    """Accuracy under PGD-n_iters-n_restarts with step eps/4 (robust = no restart misclassifies)."""
-    return utils.fraction_true(train.robust_fn(model, eps, n_iters, n_restarts),
-                               batches(x_u8, y, batch_size, f"PGD-{n_iters}-{n_restarts}"))[0]
-
-
-def autoattack_accuracy(model, x_u8, y, eps, n_classes, batch_size, seed):
-    """Accuracy under AutoAttack's standard version (torchattacks), seed fixed."""
+def autoattack_stats(model, eps, n_classes, seed):
+    """(x, y) -> per-example correctness under AutoAttack's standard version (torchattacks), seed fixed."""
     import torchattacks
 
     attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=n_classes,
                                      seed=seed)
-    return utils.fraction_true(lambda xb, yb: utils.clean_correct(model, attack(xb, yb), yb),
-                               batches(x_u8, y, batch_size, "AutoAttack"))[0]
+    return lambda x, y: {"autoattack": utils.clean_correct(model, attack(x, y), y)}
+
+
+def fgsm_accuracy(model, x_u8, y, eps, step, batch_size, projected=False):
+    """Accuracy under FGSM from zero with `step`; past eps the step is unprojected unless `projected`."""
+    radius = eps if projected else max(eps, step)
+    stats = evaluation.fgsm_stats(model, step, radius)
+    return evaluation.fractions(stats, ("fgsm",), evaluation.batches(x_u8, y, batch_size, f"FGSM step "
+                                                                     f"{255 * step:g}"))[0]["fgsm"]
 
 
 def evaluate(model, x_u8, y, eps_px, opts, n_classes):
     """One result dict for the eval-mode model; accuracies are fractions."""
     model.eval()
     eps = eps_px / 255
-    result = {"clean_acc": utils.fraction_true(lambda xb, yb: utils.clean_correct(model, xb, yb),
-                                               data.eval_batches(x_u8, y, opts.batch_size))[0]}
+    run = lambda stats, keys, desc: evaluation.fractions(  # noqa: E731
+        stats, keys, evaluation.batches(x_u8, y, opts.batch_size, desc))[0]
+    result = {"clean_acc": run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
     if opts.pgd:
         torch.manual_seed(opts.seed)
-        result[f"pgd{opts.pgd[0]}_{opts.pgd[1]}_acc"] = pgd_accuracy(model, x_u8, y, eps, *opts.pgd, opts.batch_size)
+        iters, restarts = opts.pgd
+        accs = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255), ("pgd", "pgd_any"),
+                   f"PGD-{iters}-{restarts}")
+        result[f"pgd{iters}_{restarts}_acc"] = accs["pgd"]
+        result[f"pgd{iters}_{restarts}_any_acc"] = accs["pgd_any"]
     for step_px in opts.fgsm_sweep or ():
-        result[f"fgsm_step{step_px:g}_acc"] = fgsm_accuracy(model, x_u8, y, eps, step_px / 255, opts.batch_size)
+        result[f"fgsm_step{step_px:g}_acc"] = fgsm_accuracy(model, x_u8, y, eps, step_px / 255, opts.batch_size,
+                                                           opts.fgsm_sweep_projected)
     if opts.autoattack:
-        result["autoattack_acc"] = autoattack_accuracy(model, x_u8, y, eps, n_classes, opts.batch_size, opts.seed)
+        result["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, opts.seed), ("autoattack",),
+                                       "AutoAttack")["autoattack"]
     return result
 
 
-def load_run(path):
-    """(checkpoint, run directory) from a run directory or a checkpoint file."""
-    ckpt_path = os.path.join(path, train.CHECKPOINT) if os.path.isdir(path) else path
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True), os.path.dirname(ckpt_path)
-    except Exception as err:
-        raise train.UsageError(f"RUN_DIR_OR_CHECKPOINT={path!r}: cannot read {ckpt_path} ({type(err).__name__})")
-
-
 def build_parser():
-    p = train.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)
-    p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    p = config.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             allow_abbrev=False)
+    p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--models", nargs="+", default=list(SAVED_MODELS), help=f"any of {', '.join(SAVED_MODELS)}")
     p.add_argument("--pgd", nargs=2, type=int, default=[50, 10], metavar=("ITERS", "RESTARTS"),
-                   help="PGD iterations and restarts (step eps/4); 0 0 to skip")
+                   help="PGD iterations and restarts; 0 0 to skip")
+    p.add_argument("--pgd_step", type=float, default=ORIGINAL_PGD_STEP, help="PGD step, pixels/255 (the original "
+                   "eval.py's 1; train.py's evaluations use eps/4)")
     p.add_argument("--fgsm_sweep", nargs="+", type=float, metavar="STEP",
                    help="FGSM step sizes to try, pixels/255 (the paper: 1 2 ... 12)")
-    p.add_argument("--autoattack", action="store_true", help="AutoAttack, standard version (optional extra)")
-    p.add_argument("--eps", type=int, help="pixels/255 (default: the run's)")
-    p.add_argument("--n_points", type=int, default=-1, help="test points (a fixed subset; -1: all)")
+    p.add_argument("--fgsm_sweep_projected", action="store_true", help="project steps larger than eps onto the "
+                   "eps-ball (the original leaves them unprojected)")
+    p.add_argument("--autoattack", action="store_true", help="AutoAttack, standard version (torchattacks)")
+    p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
+    p.add_argument("--n_points", type=int, default=-1, help="the first this many test points; -1: all")
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--data_dir", help="default: the run's")
     p.add_argument("--device", default="auto")
@@ -98,43 +92,43 @@ def prepare(argv):
     if opts.pgd == [0, 0]:
         opts.pgd = None
     elif min(opts.pgd) < 1:
-        raise train.UsageError(f"--pgd={opts.pgd}: iterations and restarts must be positive (0 0 skips PGD)")
+        raise UsageError(f"--pgd={opts.pgd}: iterations and restarts must be positive (0 0 skips PGD)")
     bad = [m for m in opts.models if m not in SAVED_MODELS]
     if bad:
-        raise train.UsageError(f"--models={bad[0]!r}: choose from {', '.join(SAVED_MODELS)}")
+        raise UsageError(f"--models={bad[0]!r}: choose from {', '.join(SAVED_MODELS)}")
     if opts.autoattack:
         try:
             import torchattacks  # noqa: F401
         except ImportError:
-            raise train.UsageError("--autoattack: needs torchattacks; pip install -r requirements-autoattack.txt")
-    ckpt, run_dir = load_run(opts.run)
-    run = Namespace(**ckpt["args"])
+            raise UsageError("--autoattack: needs torchattacks; pip install -r requirements.txt") from None
+    if not os.path.isdir(opts.run):
+        raise UsageError(f"RUN_DIR={opts.run!r}: not a run directory")
+    run = config.load_args(opts.run)
+    ckpt = config.load_checkpoint(opts.run, "RUN_DIR")
     opts.eps = opts.eps or run.eps
     dataset = data.load_data(run.dataset, opts.data_dir or run.data_dir)
-    return opts, ckpt, run, run_dir, dataset
+    return opts, ckpt, run, dataset
 
 
 def main(argv=None):
     try:
-        opts, ckpt, run, run_dir, dataset = prepare(sys.argv[1:] if argv is None else argv)
-    except (train.UsageError, data.DataError) as err:
+        opts, ckpt, run, dataset = prepare(sys.argv[1:] if argv is None else argv)
+    except (UsageError, data.DataError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
     device = utils.choose_device(opts.device)
-    mean, std = dataset.mean_std()
-    model = build_model(run.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean, std,
-                        run.n_layers, run.n_filters_cnn).to(device)
+    model = config.model_from_args(run, dataset).to(device)
     states = {"last": ckpt["model"], **{k: v["state"] for k, v in ckpt["kept"].items()}}
-    idx = data.fixed_subset(len(dataset.test_y), opts.n_points)
+    idx = evaluation.first_points(len(dataset.test_y), opts.n_points)
     x, y = dataset.test_x[idx].to(device), dataset.test_y[idx].to(device)
-    results = {"run": run_dir, "eps": opts.eps, "n_points": len(y), "seed": opts.seed, "models": {}}
+    results = {"run": opts.run, "eps": opts.eps, "n_points": len(y), "seed": opts.seed, "models": {}}
     for name in opts.models:
         if name not in states:
-            print(f"eval.py: {name}: not saved in this run (no periodic evaluation ran), skipped", file=sys.stderr)
+            print(f"eval.py: {name}: not saved in this run, skipped", file=sys.stderr)
             continue
         model.load_state_dict(states[name])
         results["models"][name] = evaluate(model, x, y, opts.eps, opts, dataset.n_classes)
-    out = new_result_path(run_dir)
+    out = new_result_path(opts.run)
     utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
     print(format_table(results))
     print(f"written to {out}")
@@ -154,7 +148,7 @@ def new_result_path(run_dir):
 def format_table(results):
     """Markdown table, one row per model, accuracies in %."""
     columns = list(next(iter(results["models"].values()), {}))  # the order evaluate() measured them in
-    lines = [f"eps {results['eps']}/255, {results['n_points']} test points",
+    lines = [f"eps {results['eps']:g}/255, {results['n_points']} test points",
              "| model | " + " | ".join(c.replace("_acc", "") for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, r in results["models"].items():

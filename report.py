@@ -9,10 +9,9 @@ import json
 import os
 import statistics
 import sys
-from argparse import Namespace
 
+import config
 import utils
-from train import method_name
 
 COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last", "pgd_acc", "PGD"),
            ("early_stopped", "clean_acc", "ES clean"), ("early_stopped", "pgd_acc", "ES PGD"))
@@ -20,15 +19,15 @@ COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last"
 
 def load_run(run_dir):
     """(group key, {(model, metric): value}, wall seconds or None) of a finished run, or None if unfinished."""
-    with open(os.path.join(run_dir, "args.json")) as f:
-        args = Namespace(**json.load(f))
+    args = config.load_args(run_dir)
     finals = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "final"]
     if not finals:
         return None
     values = {(r["model"], k): r[k] for r in finals for k in ("clean_acc", "fgsm_acc", "pgd_acc") if k in r}
     timing_path = os.path.join(run_dir, "timing.json")
     wall_s = json.load(open(timing_path))["wall_s"] if os.path.exists(timing_path) else None
-    key = (args.dataset, args.model, method_name(args), args.eps, args.attack_iters, args.n_restarts)
+    key = (args.dataset, args.model, config.method_name(args), args.eps, args.final_attack_iters,
+           args.final_n_restarts)
     return key, values, wall_s
 
 
@@ -102,7 +101,7 @@ def group_runs(run_dirs):
 
 def group_name(key):
     dataset, model, method, eps, iters, restarts = key
-    return f"{dataset}-{model}-{method}-eps{eps}"
+    return f"{dataset}-{model}-{method}-eps{eps:g}"
 
 
 def table(run_dirs):
@@ -114,10 +113,11 @@ def table(run_dirs):
         walls = [w for _, w in runs if w is not None]
         wall = f"{statistics.mean(walls):.0f}" if walls else "-"
         attack = f"PGD-{iters}-{restarts}"
-        lines.append("| " + " | ".join([dataset, model, method, str(eps), attack, str(len(runs))] + cells + [wall])
+        lines.append("| " + " | ".join([dataset, model, method, f"{eps:g}", attack, str(len(runs))] + cells + [wall])
                      + " |")
     note = ("Accuracies in % on the final test points, mean ± std over seeds; PGD uses the attack column "
-            "(step eps/4), FGSM has step eps; ES = early-stopped model (best PGD accuracy on training points).")
+            "(step eps/4, the original protocol: the highest-loss restart's last iterate), FGSM has step eps; "
+            "ES = early-stopped model (best PGD accuracy on training points).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

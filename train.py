@@ -1,288 +1,30 @@
 """Single-step adversarial training with local smoothing (VFSAT, GradSum), GradAlign, PGD-k and Free-AT.
 
-    python train.py --attack=fgsm --eps=8 --grad_input_sum_coeff=10 --data_dir=DIR ...
+    python train.py --attack=fgsm --attack_init=zero --eps=8 --grad_input_sum_coeff=10 --data_dir=DIR ...
 
+By default every flag combination computes what the paper's code computes (its network, initialisation,
+evaluation protocol and schedules); see the README's "Differences from the original code".
 Every pixel-valued flag (eps, step sizes) is in pixels/255; images are in [0, 1].
 """
-import argparse
 import gc
 import json
 import os
-import re
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
-import attacks
+import config
 import data
+import evaluation
+import methods
+import schedules
 import utils
-from models import MODELS, build_model
+from config import UsageError
+from models import set_float32_batchnorm
 
-GRAD_CLIP_NORM = 20.0  # max L2 norm of the parameter gradient
-SGD_MOMENTUM = 0.9
-RESNET_WEIGHT_DECAY = 5e-4
-PGD_EVAL_STEP_FRACTION = 1 / 4  # evaluation PGD step, as a fraction of eps
-RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
-CHECKPOINT = "checkpoint.pt"
-
-
-class UsageError(Exception):
-    """A bad flag or combination; the message names the flag, the value and what is allowed."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser():
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    a = p.add_argument
-    a("--dataset", default="cifar10", help=f"one of {', '.join(data.DATASETS)}")
-    a("--data_dir", default="data", help="the dataset's folder (downloaded there when missing); cifar10 also reads "
-      "an image folder train/<class>/*, test/<class>/*")
-    a("--n_train", type=int, default=-1, help="train on this many examples (a fixed subset); -1: all")
-    a("--model", default="resnet18", help=f"one of {', '.join(MODELS)}")
-    a("--n_layers", type=int, default=1, help="cnn: number of 3x3 conv layers")
-    a("--n_filters_cnn", type=int, default=16, help="cnn: filters per conv layer")
-    a("--epochs", "--epoch", dest="epochs", type=int, default=30, help="training epochs")
-    a("--batch_size", type=int, default=128, help="global training batch (images), split over processes")
-    a("--batch_size_eval", type=int, default=1024, help="evaluation batch per process (images)")
-    a("--lr_max", type=float, default=0.2, help="peak learning rate")
-    a("--lr_schedule", default="cyclic", help=f"one of {', '.join(utils.LR_SCHEDULES)}; updated every iteration")
-    a("--weight_decay", type=float, default=None, help=f"default {RESNET_WEIGHT_DECAY} for ResNets (SGD), 0 for cnn (Adam)")
-    a("--eps", type=int, default=8, help="L-inf radius, pixels/255 (training and evaluation)")
-    a("--attack", default="fgsm", help="training attack: fgsm, pgd or none")
-    a("--attack_init", default="zero", help="training attack start: zero or random (uniform in the eps-ball)")
-    a("--fgsm_alpha", type=float, default=1.25, help="FGSM step as a multiple of eps")
-    a("--pgd_train_n_iters", type=int, default=10, help="PGD training: iterations")
-    a("--pgd_alpha_train", type=float, default=2.0, help="PGD training: step, pixels/255")
-    a("--minibatch_replay", type=int, default=1, help="Free-AT: replay each batch this many times (fgsm only)")
-    a("--discrete_eps", action="store_true", help="VFSAT: cycle the training eps over 2, 4, ..., eps, eps x4 by epoch")
-    a("--grad_input_sum_coeff", type=float, default=0.0, help="GradSum coefficient (0: off)")
-    a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign coefficient (0: off)")
-    a("--attack_iters", type=int, default=50, help="evaluation PGD iterations (step eps/4)")
-    a("--n_restarts", type=int, default=10, help="evaluation PGD random restarts")
-    a("--eval_iter_freq", type=int, default=200, help="evaluate every this many iterations")
-    a("--n_eval_every_k_iter", type=int, default=256, help="test (and train) points per periodic evaluation")
-    a("--start_eval_epoch", type=int, default=0, help="first epoch (0-based) with periodic evaluations")
-    a("--n_final_eval", type=int, default=-1, help="test points of the final evaluation; -1: all")
-    a("--eval_early_stopped_model", action="store_true", help="final evaluation of the kept models too")
-    a("--half_prec", action="store_true", help="mixed precision: fp16 autocast with dynamic loss scaling")
-    a("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on recent GPUs)")
-    a("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign: no double "
-      "backprop through compiled graphs)")
-    a("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics over processes")
-    a("--seed", type=int, default=0)
-    a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    a("--out_dir", default="runs", help="parent folder of run directories")
-    a("--run_name", default=None, help="run directory name (letters, digits, . _ -); default: from the flags")
-    a("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
-      "(its flags come from RUN_DIR/args.json; only --device may be given too)")
-    return p
-
-
-def check_args(args):
-    """Reject values the code cannot run, before any work starts."""
-    def need(ok, flag, allowed):
-        if not ok:
-            raise UsageError(f"--{flag}={getattr(args, flag)!r}: {allowed}")
-
-    need(args.dataset in data.DATASETS, "dataset", f"choose one of {', '.join(data.DATASETS)}")
-    need(args.model in MODELS, "model", f"choose one of {', '.join(MODELS)}")
-    need(args.lr_schedule in utils.LR_SCHEDULES, "lr_schedule", f"choose one of {', '.join(utils.LR_SCHEDULES)}")
-    need(args.attack in ("fgsm", "pgd", "none"), "attack", "choose fgsm, pgd or none")
-    need(args.attack_init in ("zero", "random"), "attack_init", "choose zero or random")
-    for flag in ("epochs", "batch_size", "batch_size_eval", "eps", "n_layers", "n_filters_cnn",
-                 "pgd_train_n_iters", "minibatch_replay", "attack_iters", "n_restarts", "eval_iter_freq",
-                 "n_eval_every_k_iter"):
-        need(getattr(args, flag) >= 1, flag, "must be a positive integer")
-    for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train"):
-        need(args.__dict__[flag] > 0, flag, "must be positive")
-    for flag in ("grad_input_sum_coeff", "grad_align_cos_lambda", "start_eval_epoch"):
-        need(args.__dict__[flag] >= 0, flag, "must be zero or positive")
-    need(args.weight_decay is None or args.weight_decay >= 0, "weight_decay", "must be zero or positive")
-    need(args.eps <= 255, "eps", "is in pixels/255: at most 255")
-    need(args.n_train == -1 or args.n_train >= args.batch_size, "n_train",
-         f"-1 (all) or at least --batch_size ({args.batch_size})")
-    need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
-    need(args.minibatch_replay == 1 or args.attack == "fgsm", "minibatch_replay", "Free-AT needs --attack=fgsm")
-    need(not (args.compile and (args.grad_input_sum_coeff or args.grad_align_cos_lambda)), "compile",
-         "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
-    n_procs = utils.dist_env()[1]
-    need(args.batch_size % n_procs == 0, "batch_size", f"the global batch must split evenly over {n_procs} processes")
-    need(args.run_name is None or RUN_NAME_PATTERN.match(args.run_name), "run_name",
-         "use letters, digits, '.', '_' and '-' only")
-    need(os.path.isdir(args.data_dir) or not os.path.exists(args.data_dir), "data_dir", "is not a folder")
-    try:
-        args.device = utils.choose_device(args.device)
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as err:
-        raise UsageError(f"--device={args.device!r}: not available here ({str(err).splitlines()[0]})") from None
-
-
-def method_name(args):
-    """A short filesystem-safe name of the training method, e.g. fgsm-vfsat or pgd10-gradsum10."""
-    parts = [{"fgsm": "fgsm", "pgd": f"pgd{args.pgd_train_n_iters}", "none": "std"}[args.attack]]
-    if args.minibatch_replay > 1:
-        parts[0] = f"free{args.minibatch_replay}"
-    if args.attack_init == "random" and args.attack != "none":
-        parts.append("rs")
-    if args.discrete_eps:
-        parts.append("vfsat")
-    if args.grad_input_sum_coeff:
-        parts.append(f"gradsum{args.grad_input_sum_coeff:g}")
-    if args.grad_align_cos_lambda:
-        parts.append(f"gradalign{args.grad_align_cos_lambda:g}")
-    return "-".join(parts)
-
-
-def make_run_dir(args):
-    name = args.run_name or (f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.model}-{method_name(args)}"
-                             f"-eps{args.eps}-seed{args.seed}")
-    run_dir = os.path.join(args.out_dir, name)
-    if os.path.exists(run_dir):
-        raise UsageError(f"--run_name={name!r}: {run_dir} already exists; choose another name or --out_dir")
-    os.makedirs(run_dir)
-    return run_dir
-
-
-def build_optimizer(model, args):
-    if args.model == "cnn":
-        return torch.optim.Adam(model.parameters(), lr=args.lr_max, weight_decay=args.weight_decay or 0.0)
-    wd = RESNET_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
-    return torch.optim.SGD(model.parameters(), lr=args.lr_max, momentum=SGD_MOMENTUM, weight_decay=wd)
-
-
-# ---------------------------------------------------------------- training step
-
-def start_delta(x, eps, args):
-    """The attack's starting point; random starts lie on the 1/255 grid for VFSAT and GradSum."""
-    if args.attack_init == "zero":
-        return torch.zeros_like(x)
-    return attacks.uniform_delta(x, eps, on_grid=args.discrete_eps or args.grad_input_sum_coeff > 0)
-
-
-def perturb(model, x, y, eps, args, loss_scale):
-    """The training perturbation, and the input gradients the regularisers may reuse: the FGSM gradient at x
-    (zero start, for GradAlign) or at the random start, kept differentiable (for GradSum)."""
-    if args.attack == "none":
-        return torch.zeros_like(x), {}
-    delta = start_delta(x, eps, args)
-    if args.attack == "pgd":
-        step = args.pgd_alpha_train / 255
-        return attacks.pgd(model, x, y, eps, step, args.pgd_train_n_iters, delta, loss_scale), {}
-    random_gradsum = args.attack_init == "random" and args.grad_input_sum_coeff > 0
-    grad = attacks.input_grad(model, x + delta, y, create_graph=random_gradsum, loss_scale=loss_scale)
-    reuse = {"grad_at_start": grad} if random_gradsum else {"grad_at_x": grad} if args.attack_init == "zero" else {}
-    return attacks.sign_step(x, delta, grad, eps, args.fgsm_alpha * eps), reuse
-
-
-def regulariser(model, x, y, eps, args, reuse, loss_scale):
-    """GradSum and GradAlign terms (a 0-d tensor, zero when both are off)."""
-    reg = torch.zeros((), device=x.device)
-    if args.grad_input_sum_coeff > 0:
-        if "grad_at_start" in reuse:
-            reg = reg + args.grad_input_sum_coeff * reuse["grad_at_start"].norm()
-        else:
-            reg = reg + args.grad_input_sum_coeff * attacks.grad_sum_penalty(model, x, y, eps, loss_scale)
-    if args.grad_align_cos_lambda > 0:
-        reg = reg + args.grad_align_cos_lambda * attacks.grad_align_penalty(
-            model, x, y, eps, reuse.get("grad_at_x"), loss_scale)
-    return reg
-
-
-def train_step(model, opt, scaler, autocast, x, y, eps, args, carried_delta=None, net=None):
-    """One optimiser step on the batch; returns loss, regulariser, number correct (device tensors, no sync)
-    and, for Free-AT, the perturbation carried to the next replay.
-
-    net is the model wrapped for data-parallel training (DDP): the training loss goes through it, so its
-    backward averages the gradients (the regulariser's included) over processes; attacks use the bare model.
-    """
-    loss_scale = scaler.scale(torch.ones((), device=x.device))  # a tensor: reading it would sync
-    free = args.minibatch_replay > 1
-    with autocast:
-        if free:  # Free-AT: the perturbation's gradient comes from the same backward pass as the weights'
-            start = start_delta(x, eps, args) if carried_delta is None else carried_delta
-            delta, reuse = attacks.clip_delta(x, start, eps).requires_grad_(True), {}
-        else:
-            delta, reuse = perturb(model, x, y, eps, args, loss_scale)
-        logits = (net if net is not None else model)(x + delta)
-        loss = F.cross_entropy(logits, y)
-        reg = regulariser(model, x, y, eps, args, reuse, loss_scale)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss + reg).backward()
-    if free:
-        carried_delta = attacks.sign_step(x, delta.detach(), delta.grad, eps, args.fgsm_alpha * eps)
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach(), reg.detach(), (logits.argmax(1) == y).sum(), carried_delta
-
-
-# ---------------------------------------------------------------- evaluation
-
-def robust_fn(model, eps, n_iters, n_restarts, skip_broken=True):
-    """(x, y) -> mask of examples robust to PGD-n_iters-n_restarts with step eps/4."""
-    return lambda x, y: attacks.pgd_robust(model, x, y, eps, eps * PGD_EVAL_STEP_FRACTION, n_iters, n_restarts,
-                                           skip_broken)
-
-
-def fgsm_correct_fn(model, eps, step=None):
-    """(x, y) -> mask of examples still correct after FGSM from zero with `step` (default eps)."""
-    return lambda x, y: utils.clean_correct(model, x + attacks.fgsm(model, x, y, eps, step or eps), y)
-
-
-def grad_cosine_fn(model, eps):
-    def cosines(x, y):
-        grad_x = attacks.input_grad(model, x, y)
-        grad_noisy = attacks.input_grad(model, x + attacks.uniform_delta(x, eps), y)
-        cos, valid = attacks.gradient_cosines(grad_x, grad_noisy)
-        return cos[valid]
-    return cosines
-
-
-def accuracies(model, x_u8, y, eps, args, kinds=("clean", "fgsm", "pgd")):
-    """Accuracies of the eval-mode model on this process's share of the points, each a fraction of all points
-    over all processes, and the number of points they cover."""
-    fns = {"clean": lambda xb, yb: utils.clean_correct(model, xb, yb), "fgsm": fgsm_correct_fn(model, eps),
-           "pgd": robust_fn(model, eps, args.attack_iters, args.n_restarts)}
-    model.eval()
-    row, n_points = {}, 0
-    n_batches = -(-len(y) // args.batch_size_eval)
-    for kind in kinds:
-        batches = utils.progress(data.eval_batches(x_u8, y, args.batch_size_eval), n_batches, f"{kind} accuracy")
-        row[f"{kind}_acc"], n_points = utils.fraction_true(fns[kind], batches)
-    model.train()
-    return row, n_points
-
-
-def periodic_eval(model, eval_sets, eps, args):
-    """Clean, FGSM and PGD accuracy on the test points, PGD accuracy on the training points, gradient cosine."""
-    (test_x, test_y), (train_x, train_y) = eval_sets["test"], eval_sets["train"]
-    test, n_points = accuracies(model, test_x, test_y, eps, args)
-    row = {f"test_{k}": v for k, v in test.items()}
-    row["train_pgd_acc"] = accuracies(model, train_x, train_y, eps, args, kinds=("pgd",))[0]["pgd_acc"]
-    model.eval()
-    row["grad_cosine"] = utils.mean_over_batches(grad_cosine_fn(model, eps),
-                                                 data.eval_batches(test_x, test_y, args.batch_size_eval))
-    model.train()
-    row["n_eval_points"] = n_points
-    return row
-
-
-def final_eval(model, states, test_x, test_y, eps, args):
-    """Clean, FGSM (step eps) and PGD accuracy of each named state dict on the final test points, in fp32."""
-    rows = []
-    for name, state in states.items():
-        model.load_state_dict(state)
-        row, n_points = accuracies(model, test_x, test_y, eps, args)
-        rows.append({"kind": "final", "model": name, "n_points": n_points, **row})
-    return rows
+SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
+METER_KEYS = ("loss", "reg", "gis", "correct")
 
 
 # ---------------------------------------------------------------- loop
@@ -291,23 +33,28 @@ def cpu_copy(model):
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def process_share(indices):
+    """This process's share of the points: every world_size-th one, from its rank."""
+    return indices[utils.rank()::utils.world_size()]
+
+
 class Trainer:
-    """Holds the run's state; train_epoch runs one epoch with its periodic evaluations."""
+    """Holds the run's state; train_epoch runs one training epoch with its periodic evaluations."""
 
     def __init__(self, args, dataset, run_dir, log):
         self.args, self.run_dir, self.log = args, run_dir, log
         dev = args.device
-        train_idx = data.fixed_subset(len(dataset.train_y), args.n_train)
+        train_idx = evaluation.first_points(len(dataset.train_y), args.n_train)
+        self.n_train_full = len(dataset.train_y)
         self.train_x, self.train_y = dataset.train_x[train_idx].to(dev), dataset.train_y[train_idx].to(dev)
         self.padding, self.flip = dataset.crop_padding, dataset.flip
         n_eval = args.n_eval_every_k_iter
-        test_idx = process_share(data.fixed_subset(len(dataset.test_y), n_eval))
-        train_eval_idx = process_share(data.fixed_subset(len(self.train_y), n_eval)).to(dev)
+        test_idx = process_share(evaluation.first_points(len(dataset.test_y), n_eval))
+        # the original draws its training points in full training batches (drop_last)
+        train_eval_idx = process_share(evaluation.first_points(len(self.train_y), n_eval - n_eval % args.batch_size))
         self.eval_sets = {"test": (dataset.test_x[test_idx].to(dev), dataset.test_y[test_idx].to(dev)),
-                          "train": (self.train_x[train_eval_idx], self.train_y[train_eval_idx])}
-        mean, std = dataset.mean_std()
-        self.model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean, std,
-                                 args.n_layers, args.n_filters_cnn).to(dev)
+                          "train": (self.train_x[train_eval_idx.to(dev)], self.train_y[train_eval_idx.to(dev)])}
+        self.model = self.build_model(dataset).to(dev)
         if utils.is_distributed() and args.sync_bn and dev.type == "cuda":  # SyncBatchNorm needs NCCL
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if args.channels_last:
@@ -317,82 +64,119 @@ class Trainer:
         if utils.is_distributed():
             self.net = torch.nn.parallel.DistributedDataParallel(self.fast,
                                                                  device_ids=[dev] if dev.type == "cuda" else None)
-        self.opt = build_optimizer(self.model, args)
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=args.half_prec)
-        self.autocast = torch.autocast(dev.type, dtype=torch.float16) if args.half_prec else nullcontext()
+        self.opt = methods.build_optimizer(self.model, args)
+        fp16 = args.half_prec and args.amp_dtype == "float16"
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
+        self.autocast = methods.autocast_context(args)
         self.n_batches = data.n_train_batches(len(self.train_y), args.batch_size)
-        self.total_iters = args.epochs * self.n_batches * args.minibatch_replay
-        self.iteration, self.epoch, self.metrics, self.kept = 0, 0, [], {}
+        self.total_iters = args.epochs * self.n_batches
+        self.iteration, self.epoch, self.metrics = 0, 0, []
+        initial = cpu_copy(self.model)  # the original's early stopping starts from the initial weights, at 0
+        self.kept = {name: {"state": initial, "iteration": 0, "acc": 0.0} for name in ("early_stopped", "best_test")}
         self.carried_delta = None
         self.first_nonfinite = torch.full((), -1, device=dev)  # iteration of the first non-finite loss, on device
         self.reset_meters()
 
-    def reset_meters(self):
-        zero = lambda: torch.zeros((), device=self.args.device)  # noqa: E731
-        self.meters = {"loss": zero(), "reg": zero(), "correct": zero(), "count": 0}
-
-    def lr_at(self, iteration):
-        epochs_done = iteration / (self.n_batches * self.args.minibatch_replay)
-        return utils.learning_rate(self.args.lr_schedule, self.args.lr_max, epochs_done, self.args.epochs)
-
-    def eval_due(self):
+    def build_model(self, dataset):
         a = self.args
-        return self.epoch >= a.start_eval_epoch and (self.iteration % a.eval_iter_freq == 0
-                                                     or self.iteration == self.total_iters)
+        model = config.model_from_args(a, dataset)
+        # apex registered batch_norm as fp32 for double backprop; fp16 BatchNorm double backward overflows
+        set_float32_batchnorm(model, a.half_prec and config.uses_double_backprop(a))
+        if a.load_model:
+            model.load_state_dict(config.load_checkpoint(a.load_model, "--load_model")["model"])
+        return model
+
+    def reset_meters(self):
+        self.meters = {k: torch.zeros((), device=self.args.device) for k in METER_KEYS}
+        self.meters["count"] = 0
+
+    def radii(self, epoch):
+        """This iteration's StepRadii (self.iteration counts the optimiser steps so far, this one included)."""
+        a = self.args
+        warmup = 1.0
+        if a.dataset == "svhn":
+            warmup = min(self.iteration / (SVHN_WARMUP_EPOCHS * self.n_train_full // a.batch_size), 1.0)
+        vfsat_eps = schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list) / 255
+        return methods.StepRadii(eps=a.eps / 255, fgsm_eps=vfsat_eps, pgd_eps=warmup * a.eps / 255,
+                         fgsm_alpha=warmup * a.fgsm_alpha, reg_eps=vfsat_eps if a.vfsat_reg_eps else a.eps / 255)
+
+    def batches(self, epoch):
+        a = self.args
+        gen = data.epoch_generator(a.seed, epoch, a.device)
+        for x, y in data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
+                                       utils.rank(), utils.world_size()):
+            yield (x.contiguous(memory_format=torch.channels_last) if a.channels_last else x), y
+
+    def step(self, x, y, epoch, update=True):
+        a = self.args
+        stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y, self.radii(epoch), a,
+                                  self.carried_delta, self.net if update else None, update)
+        if a.minibatch_replay > 1:
+            self.carried_delta = delta
+        return stats
+
+    def epoch_zero(self):
+        """The original's epoch 0: one batch through the whole step without the optimiser step (its forward
+        passes still move BatchNorm statistics, and Free-AT's perturbation is carried on)."""
+        self.model.train()
+        x, y = next(self.batches(0))
+        self.step(x, y, 0, update=False)
 
     def train_epoch(self):
-        a = self.args
-        eps_px = utils.training_eps(a.eps, self.epoch, a.discrete_eps)
-        gen = data.epoch_generator(a.seed, self.epoch, a.device)
+        """Training epoch self.epoch + 1 (1-based, as the original counts them)."""
+        a, epoch = self.args, self.epoch + 1
         self.model.train()
-        batches = data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
-                                     utils.rank(), utils.world_size())
-        for x, y in utils.progress(batches, self.n_batches, f"epoch {self.epoch + 1}/{a.epochs}"):
-            if a.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for _ in range(a.minibatch_replay):
-                self.iteration += 1
-                lr = self.lr_at(self.iteration)
-                for group in self.opt.param_groups:
-                    group["lr"] = lr
-                loss, reg, correct, self.carried_delta = train_step(
-                    self.fast, self.opt, self.scaler, self.autocast, x, y, eps_px / 255, a, self.carried_delta,
-                    self.net)
-                self.record_step(loss, reg, correct, len(y))
-                if self.eval_due():
-                    self.evaluate(lr, eps_px)
+        self.reset_meters()  # the original's running averages restart with each epoch
+        previous = None
+        batches = utils.progress(self.batches(epoch), self.n_batches, f"epoch {epoch}/{a.epochs}")
+        for i, (x, y) in enumerate(batches):
+            if i % a.minibatch_replay:  # Free-AT as the original: this batch is dropped, the previous replayed
+                x, y = previous
+            previous = x, y
+            self.iteration += 1
+            lr = schedules.learning_rate(a.lr_schedule, a.lr_max, epoch - 1 + (i + 1) / self.n_batches, a.epochs)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.record_step(self.step(x, y, epoch), len(y))
+            if self.iteration % a.eval_iter_freq == 0 and epoch > a.start_eval_epoch:
+                self.evaluate(lr, schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list))
         self.check_finite()
-        self.epoch += 1
+        self.epoch = epoch
 
-    def record_step(self, loss, reg, correct, n):
+    def record_step(self, stats, n):
         m = self.meters
-        m["loss"] += loss * n
-        m["reg"] += reg * n
-        m["correct"] += correct
+        for key in ("loss", "reg", "gis"):
+            m[key] += stats[key] * n
+        m["correct"] += stats["correct"]
         m["count"] += n
-        first_bad = (self.first_nonfinite < 0) & ~torch.isfinite(loss)
+        # under fp16 loss scaling an overflowing regulariser only skips the step: watch the cross-entropy
+        watched = stats["ce"] if self.scaler.is_enabled() else stats["loss"]
+        first_bad = (self.first_nonfinite < 0) & ~torch.isfinite(watched)
         self.first_nonfinite = torch.where(first_bad, self.iteration, self.first_nonfinite)
 
     def check_finite(self):
         bad = int(max(utils.all_gather(int(self.first_nonfinite))))  # every process stops together
         if bad >= 0:
-            kept = (f"{self.run_dir}/{CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
+            kept = (f"{self.run_dir}/{config.CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
                     else "no epoch had finished, so there is no checkpoint")
-            raise FloatingPointError(f"non-finite training loss at iteration {bad}; stopped: {kept}, and "
+            hint = (" (GradAlign with no example of two non-zero gradients is NaN in the original: "
+                    "--fix_gradalign_empty makes it 0)" if self.args.grad_align_cos_lambda else "")
+            raise FloatingPointError(f"non-finite training loss at iteration {bad}{hint}; stopped: {kept}, and "
                                      "metrics.jsonl the evaluations before it")
 
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
-        loss, reg, correct, count = utils.global_sum(*(self.meters[k] for k in ("loss", "reg", "correct", "count")))
-        row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches
-                                                                                / self.args.minibatch_replay, 4),
+        loss, reg, gis, correct, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
+        row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
                "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
-               "train_acc": correct / count}
-        row.update(periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
+               "train_gis": gis / count, "train_acc": correct / count}
+        row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
+        if self.scaler.is_enabled():
+            row["loss_scale"] = self.scaler.get_scale()
         self.reset_meters()
         self.metrics.append(row)
         for name, key in (("early_stopped", "train_pgd_acc"), ("best_test", "test_pgd_acc")):
-            if name not in self.kept or row[key] > self.kept[name]["acc"]:
+            if row[key] > self.kept[name]["acc"]:  # strict, from 0 with the initial weights, as the original
                 self.kept[name] = {"state": cpu_copy(self.model), "iteration": self.iteration, "acc": row[key]}
         self.write_metrics()
         self.log.info(format_row(row))
@@ -403,14 +187,13 @@ class Trainer:
 
     def state_dict(self):
         """Everything needed to continue exactly from the end of the current epoch; what differs between
-        processes (random generators, Free-AT perturbation, running sums) is kept for each of them."""
-        own = {"rng": utils.rng_state(), "meters": {k: v.cpu() if torch.is_tensor(v) else v
-                                                    for k, v in self.meters.items()},
+        processes (random generators, Free-AT perturbation) is kept for each of them."""
+        own = {"rng": utils.rng_state(),
                "carried_delta": None if self.carried_delta is None else self.carried_delta.cpu()}
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
                 "kept": self.kept, "metrics": self.metrics, "processes": utils.all_gather(own),
-                "args": args_to_dict(self.args)}
+                "args": config.args_to_dict(self.args)}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
@@ -418,15 +201,14 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration, self.kept, self.metrics = (state[k] for k in ("epoch", "iteration", "kept",
                                                                                   "metrics"))
-        own, dev = state["processes"][utils.rank()], self.args.device
-        self.meters = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in own["meters"].items()}
-        self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(dev)
+        own = state["processes"][utils.rank()]
+        self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(self.args.device)
         utils.set_rng_state(own["rng"])
 
     def save_checkpoint(self):
         state = self.state_dict()  # a collective: every process takes part
         if utils.rank() == 0:
-            utils.atomic_torch_save(state, os.path.join(self.run_dir, CHECKPOINT))
+            utils.atomic_torch_save(state, os.path.join(self.run_dir, config.CHECKPOINT))
 
     def check_replicas(self):
         """Raise unless every process holds the same weights (what data-parallel training guarantees)."""
@@ -437,38 +219,52 @@ class Trainer:
         return len(everyone)
 
 
-def process_share(indices):
-    """This process's share of the points: every world_size-th one, from its rank."""
-    return indices[utils.rank()::utils.world_size()]
-
-
 def format_row(row):
     pct = lambda key: f"{100 * row[key]:5.1f}"  # noqa: E731
-    return (f"iter {row['iteration']:6d} epoch {row['epoch']:7.2f} lr {row['lr']:.4f} eps {row['train_eps']:3d} | "
-            f"loss {row['train_loss']:.4f} reg {row['train_reg']:.4f} acc {pct('train_acc')} | "
-            f"test clean {pct('test_clean_acc')} fgsm {pct('test_fgsm_acc')} pgd {pct('test_pgd_acc')} | "
-            f"train pgd {pct('train_pgd_acc')} | cos {row['grad_cosine']:.3f}")
-
-
-def args_to_dict(args):
-    return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    return (f"iter {row['iteration']:6d} epoch {row['epoch']:7.2f} lr {row['lr']:.4f} eps {row['train_eps']:4g} | "
+            f"loss {row['train_loss']:.4f} reg {row['train_reg']:.4f} g_i_s {row['train_gis']:.4f} "
+            f"acc {pct('train_acc')} | test clean {pct('test_clean_acc')} fgsm {pct('test_fgsm_acc')} "
+            f"pgd {pct('test_pgd_acc')} | train pgd {pct('train_pgd_acc')} | cos_x_eta {row['grad_cosine']:.3f} "
+            f"cos_fgsm_pgd {row['cos_fgsm_pgd']:.3f}" + (f" | scale {row['loss_scale']:g}" if "loss_scale" in row
+                                                          else ""))
 
 
 def run_final_eval(trainer, dataset, args, log):
     states = {"last": cpu_copy(trainer.model)}
     if args.eval_early_stopped_model:
         states.update({name: kept["state"] for name, kept in trainer.kept.items()})
-    idx = process_share(data.fixed_subset(len(dataset.test_y), args.n_final_eval))
-    rows = final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
-                      dataset.test_y[idx].to(args.device), args.eps / 255, args)
+    idx = process_share(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
+    rows = evaluation.final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
+                                 dataset.test_y[idx].to(args.device), args.eps / 255, args)
     trainer.model.load_state_dict(states["last"])
+    attack = f"PGD-{args.final_attack_iters}-{args.final_n_restarts}"
     for row in rows:
-        kept = trainer.kept.get(row["model"])
+        kept = trainer.kept.get(row["model"]) if row["model"] != "last" else None
         row["iteration"] = kept["iteration"] if kept else trainer.iteration
         log.info(f"final {row['model']:>13} (iter {row['iteration']}): clean {100 * row['clean_acc']:.2f}% "
-                 f"FGSM {100 * row['fgsm_acc']:.2f}% PGD-{args.attack_iters}-{args.n_restarts} "
-                 f"{100 * row['pgd_acc']:.2f}% on {row['n_points']} points")
+                 f"FGSM {100 * row['fgsm_acc']:.2f}% {attack} {100 * row['pgd_acc']:.2f}% (strict: "
+                 f"{100 * row['pgd_any_acc']:.2f}%) on {row['n_points']} points")
     return rows
+
+
+def notes(args):
+    """One log line for each behaviour of the original that these flags reproduce although it is a bug."""
+    out = []
+    if args.discrete_eps and not args.fix_vfsat_list and schedules.vfsat_cycle(args.eps) != \
+            schedules.vfsat_cycle(args.eps, ramp_to_eps=True):
+        out.append(f"VFSAT trains with the original's list {schedules.vfsat_cycle(args.eps)} for eps {args.eps:g}, "
+                   "not a ramp to eps (--fix_vfsat_list)")
+    if args.discrete_eps and args.attack_init == "random" and args.attack == "fgsm" and not args.fix_vfsat_start:
+        out.append("VFSAT's random start is drawn in the full eps-ball, as in the original (--fix_vfsat_start)")
+    if args.discrete_eps and args.attack in ("pgd", "pgd_corner"):
+        out.append("--discrete_eps has no effect on PGD training, as in the original")
+    reuse = args.attack_init == "random" and (args.attack == "fgsm" or not args.grad_align_cos_lambda)
+    if args.grad_input_sum_coeff and reuse and not args.fix_gradsum:
+        out.append("GradSum is a detached constant with this attack and start, as in the original: it changes the "
+                   "logged loss only (--fix_gradsum)")
+    if args.minibatch_replay > 1 and args.attack_init == "random":
+        out.append("Free-AT starts from zero whatever --attack_init says, as in the original")
+    return out
 
 
 def run(args, dataset, log, run_dir, checkpoint=None):
@@ -488,11 +284,15 @@ def run(args, dataset, log, run_dir, checkpoint=None):
         log.info("this run had already finished")
         return
     log.info(f"{args.model} on {args.dataset}: {len(trainer.train_y)} training images, {trainer.n_batches} "
-             f"batches/epoch, {trainer.total_iters} iterations, method {method_name(args)}, device {args.device}"
-             + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
+             f"batches/epoch, {trainer.total_iters} iterations, method {config.method_name(args)}, device "
+             f"{args.device}" + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
+    for line in notes(args):
+        log.info(f"note: {line}")
     if args.sync_bn and trainer.net is not None and args.device.type != "cuda":
         log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
     start = time.time()
+    if trainer.epoch == 0:
+        trainer.epoch_zero()
     while trainer.epoch < args.epochs:
         trainer.train_epoch()
         trainer.save_checkpoint()
@@ -510,43 +310,17 @@ def run(args, dataset, log, run_dir, checkpoint=None):
     log.info(f"done in {wall_s:.1f} s")
 
 
-def given_flags(parser, argv):
-    """Destinations of the flags that argv names explicitly."""
-    names = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
-    return {a.dest for a in parser._actions if names & set(a.option_strings)}
-
-
-def load_checkpoint(run_dir):
-    path = os.path.join(run_dir, CHECKPOINT)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        n_saved, n_now = len(checkpoint["processes"]), utils.dist_env()[1]
-    except FileNotFoundError:
-        raise UsageError(f"--resume={run_dir!r}: no {CHECKPOINT} there (the run stopped before its first epoch "
-                         "ended: start it again)") from None
-    except Exception as err:  # truncated, corrupt, or not a checkpoint
-        raise UsageError(f"--resume={run_dir!r}: {path} is unreadable ({type(err).__name__}); it was not written "
-                         "by train.py or is damaged") from None
-    if n_saved != n_now:
-        raise UsageError(f"--resume={run_dir!r}: the run used {n_saved} process(es); resume it with as many "
-                         f"(this is {n_now})")
-    return checkpoint
-
-
 def resume_args(parser, argv, args):
     """The resumed run's own arguments (from its args.json), with --device overridable."""
-    extra = given_flags(parser, argv) - {"resume", "device"}
+    extra = config.given_flags(parser, argv) - {"resume", "device"}
     if extra:
         raise UsageError(f"--resume={args.resume!r}: takes no training flags (got --{', --'.join(sorted(extra))}); "
                          "the run's flags are read from its args.json")
     try:
-        with open(os.path.join(args.resume, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--resume={args.resume!r}: cannot read args.json there ({type(err).__name__})") from None
-    resumed = parser.parse_args([])
-    vars(resumed).update(saved)
-    if "device" in given_flags(parser, argv):
+        resumed = config.load_args(args.resume)
+    except UsageError as err:
+        raise UsageError(f"--resume={args.resume!r}: {err}") from None
+    if "device" in config.given_flags(parser, argv):
         resumed.device = args.device
     resumed.resume = args.resume
     return resumed
@@ -554,15 +328,36 @@ def resume_args(parser, argv, args):
 
 def prepare(argv):
     """Parse and check everything, load the data and the checkpoint: all errors before any file is written."""
-    parser = build_parser()
+    parser = config.build_parser(__doc__)
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
         args = resume_args(parser, argv, args)
-        checkpoint = load_checkpoint(args.resume)
-    check_args(args)
+        checkpoint = config.load_checkpoint(args.resume)
+        n_saved, n_now = len(checkpoint.get("processes", [])), utils.dist_env()[1]
+        if n_saved != n_now:
+            raise UsageError(f"--resume={args.resume!r}: the run used {n_saved} process(es); resume it with as "
+                             f"many (this is {n_now})")
+    config.check_args(args, utils.dist_env()[1])
+    try:
+        args.device = utils.choose_device(args.device)
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as err:
+        raise UsageError(f"--device={args.device!r}: not available here ({str(err).splitlines()[0]})") from None
+    if args.load_model:
+        config.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
     dataset = data.load_data(args.dataset, args.data_dir)
     return args, dataset, checkpoint
+
+
+def make_run_dir(args):
+    name = args.run_name or (f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.model}-"
+                             f"{config.method_name(args)}-eps{args.eps:g}-seed{args.seed}")
+    run_dir = os.path.join(args.out_dir, name)
+    if os.path.exists(run_dir):
+        raise UsageError(f"--run_name={name!r}: {run_dir} already exists; choose another name or --out_dir")
+    os.makedirs(run_dir)
+    return run_dir
 
 
 def shared_run_dir(args):
@@ -578,6 +373,7 @@ def shared_run_dir(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
     first_process = utils.dist_env()[0] == 0
     try:
         args, dataset, checkpoint = prepare(argv)
@@ -593,7 +389,7 @@ def main(argv=None):
                 print(f"train.py: error: {error}", file=sys.stderr)
             return 2
         if checkpoint is None and first_process:
-            utils.atomic_write_text(json.dumps(args_to_dict(args), indent=2) + "\n",
+            utils.atomic_write_text(json.dumps(config.args_to_dict(args), indent=2) + "\n",
                                     os.path.join(run_dir, "args.json"))
         log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
         log.info(f"run directory {run_dir}")

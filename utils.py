@@ -1,47 +1,11 @@
-"""Small pure helpers: schedules, atomic files, logging, evaluation loops."""
+"""Small helpers: atomic files, logging, progress bars, processes and devices, random generators."""
 import json
 import logging
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
-
-LR_SCHEDULES = ("cyclic", "piecewise", "constant")
-CYCLIC_PEAK = 2 / 5  # fraction of training at which the cyclic schedule reaches lr_max
-PIECEWISE_DROPS = ((0.5, 0.1), (0.75, 0.01))  # (fraction of training, lr multiplier from then on)
-VFSAT_PLATEAU_EPOCHS = 4  # epochs at full eps after the ramp, in each VFSAT cycle
-VFSAT_RAMP_STEP = 2  # pixels/255 between consecutive VFSAT ramp values
-
-
-def learning_rate(schedule, lr_max, epochs_done, total_epochs):
-    """Learning rate after `epochs_done` (fractional) of `total_epochs` epochs."""
-    if schedule == "cyclic":
-        return float(np.interp(epochs_done, [0, total_epochs * CYCLIC_PEAK, total_epochs], [0, lr_max, 0]))
-    if schedule == "piecewise":
-        factor = 1.0
-        for fraction, drop in PIECEWISE_DROPS:
-            if epochs_done >= fraction * total_epochs:
-                factor = drop
-        return lr_max * factor
-    if schedule == "constant":
-        return lr_max
-    raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
-
-
-def vfsat_cycle(eps):
-    """VFSAT's per-epoch training eps (pixels/255): a ramp 2, 4, ... below eps, then eps, then eps 4 more times."""
-    return list(range(VFSAT_RAMP_STEP, eps, VFSAT_RAMP_STEP)) + [eps] * (1 + VFSAT_PLATEAU_EPOCHS)
-
-
-def training_eps(eps, epoch, discrete_eps):
-    """Training eps (pixels/255) of a 0-based epoch: eps itself, or VFSAT's value for that epoch."""
-    if not discrete_eps:
-        return eps
-    cycle = vfsat_cycle(eps)
-    return cycle[epoch % len(cycle)]
-
 
 def atomic_write(path, write, binary=True):
     """Call write(file) on a temporary file, then rename it to path: path is always the old complete file or the
@@ -172,24 +136,3 @@ def set_rng_state(state):
 @torch.no_grad()
 def clean_correct(model, x, y):
     return model(x).argmax(1) == y
-
-
-def fraction_true(mask_fn, batches):
-    """(fraction, count) of examples, over all batches and processes, for which mask_fn(x, y) is True."""
-    hits, total = 0, 0
-    for x, y in batches:
-        hits += int(mask_fn(x, y).sum())
-        total += len(y)
-    hits, total = global_sum(hits, total)
-    return hits / max(total, 1), int(total)
-
-
-def mean_over_batches(value_fn, batches):
-    """Example-weighted mean of value_fn(x, y) (a per-example tensor) over all batches and processes."""
-    total, count = 0.0, 0
-    for x, y in batches:
-        values = value_fn(x, y)
-        total += float(values.sum())
-        count += len(values)
-    total, count = global_sum(total, count)
-    return total / max(count, 1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tiny ImageNet (200 classes, 64 px) with PreActResNet-34 on several GPUs of one machine, one torchrun per run:
-# every method x every seed in turn, each run data-parallel over all the given GPUs.
-# --batch_size is the global batch, split over the GPUs.
+# every method x every seed in turn, each run data-parallel over all the given GPUs. The hyper-parameters are the
+# original's single-GPU script (sh/exps_diff_eps_imagenet.sh): lr 0.05, batch 64, 96 epochs, periodic PGD-7-1 every
+# 40000 iterations, final PGD-50-10. --batch_size is the global batch, split over the GPUs (64 / N each).
 #
 # Usage: bash sh/tiny_imagenet_resnet34.sh GPU_IDS OUT_DIR [DATA_DIR]
 #   GPU_IDS  comma-separated, e.g. 0,1,2,3
@@ -21,13 +22,13 @@ declare -A METHODS=(
   [fgsm]="$FGSM"
   [vfsat]="$FGSM --discrete_eps"
   [gradsum]="$FGSM --grad_input_sum_coeff=10"
-  [gradalign]="$FGSM --grad_align_cos_lambda=0.2"
+  [pgd2-a4]="--attack=pgd --attack_init=zero --pgd_train_n_iters=2 --pgd_alpha_train=4"
 )
 N_GPUS=$(tr ',' '\n' <<< "$GPU_IDS" | wc -l)
 COMMON="--dataset=tiny_imagenet --data_dir=$DATA_DIR --out_dir=$OUT_DIR --model=resnet34 --eps=$EPS --epochs=96
-        --batch_size=256 --lr_max=0.04 --eval_iter_freq=400 --attack_iters=50 --n_restarts=10
-        --batch_size_eval=512 --eval_early_stopped_model --n_final_eval=-1 --sync_bn"
-for method in fgsm vfsat gradsum gradalign; do
+        --batch_size=64 --lr_max=0.05 --eval_iter_freq=40000 --attack_iters=7 --n_restarts=1
+        --batch_size_eval=128 --eval_early_stopped_model --n_final_eval=-1"
+for method in fgsm vfsat gradsum pgd2-a4; do
   for seed in "${SEEDS[@]}"; do
     cmd="torchrun --standalone --nproc_per_node=$N_GPUS train.py $COMMON ${METHODS[$method]} --seed=$seed
          --run_name=tiny-resnet34-$method-eps$EPS-seed$seed"

@@ -15,11 +15,11 @@ def save_png(img, path):
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
 
 
-def make_image_folder(root, n_train_per_class=16, n_test_per_class=8, size=8, seed=0):
+def make_image_folder(root, n_train_per_class=16, n_test_per_class=8, size=8, seed=0, classes=TINY_CLASSES):
     """A tiny dataset in the image-folder layout: each class has its own mean colour, so it is learnable."""
     g = torch.Generator().manual_seed(seed)
     for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
-        for label, cls in enumerate(TINY_CLASSES):
+        for label, cls in enumerate(classes):
             os.makedirs(os.path.join(root, split, cls))
             for i in range(n):
                 base = torch.full((3, 1, 1), 60.0 + 70 * label)

@@ -1,4 +1,6 @@
-"""Attacks and regularisers against closed forms of a linear model and finite differences."""
+"""Attacks, regularisers and the evaluation protocol against closed forms of linear models and finite differences."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -26,8 +28,7 @@ def interior_batch(n=16, seed=1):
 def worst_case_delta(model, x, y):
     """For 2-class linear logits the loss grows as the margin w_y - w_other shrinks: delta = -eps sign(w_y - w_o)."""
     w = model[1].weight
-    direction = (w[y] - w[1 - y]).view_as(x)
-    return -EPS * direction.sign()
+    return -EPS * (w[y] - w[1 - y]).view_as(x).sign()
 
 
 def margin(model, x, y):
@@ -41,68 +42,88 @@ def analytic_input_grad(model, x, y):
     return (p @ model[1].weight / len(y)).view_as(x)
 
 
-def test_fgsm_reaches_linear_worst_case():
-    model, (x, y) = linear_model(), interior_batch()
-    delta = attacks.fgsm(model, x, y, EPS, EPS)
-    assert torch.equal(delta, worst_case_delta(model, x, y))
+def zeros(x):
+    return torch.zeros_like(x)
 
 
-def test_pgd_reaches_linear_worst_case_and_closed_form_margin():
+def test_fgsm_step_reaches_linear_worst_case():
     model, (x, y) = linear_model(), interior_batch()
-    start = attacks.uniform_delta(x, EPS)
-    delta = attacks.pgd(model, x, y, EPS, EPS / 4, n_iters=10, delta_init=start)
+    grad, _ = attacks.input_grad(model, x, zeros(x), y)
+    assert torch.equal(attacks.signed_step(x, zeros(x), grad, EPS, EPS), worst_case_delta(model, x, y))
+
+
+def test_pgd_train_reaches_linear_worst_case_and_closed_form_margin():
+    model, (x, y) = linear_model(), interior_batch()
+    delta = attacks.pgd_train(model, x, y, EPS, EPS / 4, 10, attacks.uniform_delta(x, EPS))
     assert torch.allclose(delta, worst_case_delta(model, x, y), atol=1e-12)
     w = model[1].weight
     expected = margin(model, x, y) - EPS * (w[y] - w[1 - y]).abs().sum(1)  # margin - eps * ||w_y - w_o||_1
     assert torch.allclose(margin(model, x + delta, y), expected, atol=1e-9)
 
 
-@pytest.mark.parametrize("skip_broken", [True, False])
-def test_pgd_robust_mask_equals_closed_form(skip_broken):
-    model, (x, y) = linear_model(scale=0.3), interior_batch(n=64)
-    w = model[1].weight
-    expected = margin(model, x, y) - EPS * (w[y] - w[1 - y]).abs().sum(1) > 0
-    assert 0 < expected.sum() < len(y)  # the check means something only if both outcomes occur
-    robust = attacks.pgd_robust(model, x, y, EPS, EPS / 4, n_iters=10, n_restarts=3, skip_broken=skip_broken)
-    assert torch.equal(robust, expected)
+def test_clamp_passes_half_the_gradient_on_ties_and_none_outside():
+    """The original clips with torch.min/torch.max: on 0 or 1 exactly the gradient halves, beyond it is zero."""
+    z = torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.5], requires_grad=True)
+    attacks.clamp01(z).sum().backward()
+    assert z.grad.tolist() == [0.0, 0.5, 1.0, 0.5, 0.0]
+
+
+def test_uniform_delta_is_unclipped_and_on_grid_when_asked():
+    x = torch.zeros(64, 3, 4, 4)  # black images: a clipped draw could not be negative
+    delta = attacks.uniform_delta(x, EPS, on_grid=True)
+    assert delta.min() < 0 and delta.abs().max() <= EPS + 1e-7
+    assert torch.allclose(delta * 255, (delta * 255).round(), atol=1e-4)
+    assert len((delta * 255).round().unique()) == 17  # -8 ... 8
+
+
+def test_fgsm_from_an_unclipped_random_start_keeps_the_start_where_the_clamp_binds():
+    """A start pixel outside [0, 1] has zero gradient: no step there, so the original's delta keeps the start
+    (clipped to the ball, then the image to [0, 1])."""
+    model = linear_model()
+    x = torch.full((4, 3, 4, 4), 1.0, dtype=torch.float64)
+    x[:, 0] = 0.5
+    start = torch.full_like(x, 6 / 255)  # pushes channels 1 and 2 above 1: clamped in the forward pass
+    y = torch.zeros(4, dtype=torch.long)
+    grad, _ = attacks.input_grad(model, x, start, y)
+    assert grad[:, 1:].abs().max() == 0 and grad[:, 0].abs().min() > 0
+    delta = attacks.signed_step(x, start, grad, EPS, EPS)
+    assert torch.equal(delta[:, 1:], torch.zeros_like(delta[:, 1:]))  # start kept, then x + delta clipped to 1
+    stepped = (start[:, 0] + EPS * grad[:, 0].sign()).clamp(-EPS, EPS)  # 8/255 or -2/255: from the start
+    assert torch.allclose(delta[:, 0], stepped) and len(stepped.unique()) == 2
 
 
 def test_attacks_stay_in_ball_and_image_range():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     x = torch.rand(32, 3, 8, 8)
-    x[:8] = 0.0  # corners of the image cube, where clipping to [0, 1] binds
-    x[8:16] = 1.0
+    x[:8], x[8:16] = 0.0, 1.0  # corners of the image cube, where clipping to [0, 1] binds
     y = torch.randint(0, 10, (32,))
-    deltas = [attacks.uniform_delta(x, EPS), attacks.uniform_delta(x, EPS, on_grid=True),
-              attacks.fgsm(model, x, y, EPS, 1.25 * EPS, attacks.uniform_delta(x, EPS)),
-              attacks.pgd(model, x, y, EPS, 2 / 255, 7, attacks.uniform_delta(x, EPS))]
+    start = attacks.uniform_delta(x, EPS)
+    deltas = [attacks.signed_step(x, start, attacks.input_grad(model, x, start, y)[0], EPS, 1.25 * EPS),
+              attacks.pgd_train(model, x, y, EPS, 2 / 255, 7, start), attacks.corner(x, start, EPS),
+              attacks.pgd_eval(model.eval(), x, y, EPS, 2 / 255, 3, 2)[2], attacks.fgsm_eval(model, x, y, EPS, EPS)[1]]
     for delta in deltas:
         assert delta.abs().max() <= EPS + 1e-7
         assert (x + delta).min() >= 0 and (x + delta).max() <= 1
 
 
-def test_uniform_delta_on_grid_is_integer_pixels():
-    x = torch.randint(0, 256, (64, 3, 4, 4)) / 255  # images are on the grid, so clipping to [0, 1] keeps it
-    delta = attacks.uniform_delta(x, EPS, on_grid=True) * 255
-    assert torch.allclose(delta, delta.round(), atol=1e-4)
-    assert len(delta.round().unique()) > 8  # spread over the grid, not collapsed to a few values
-
-
 def test_input_grad_matches_closed_form_and_ignores_loss_scale():
     model, (x, y) = linear_model(), interior_batch()
     expected = analytic_input_grad(model, x, y)
-    assert torch.allclose(attacks.input_grad(model, x, y), expected, atol=1e-12)
-    assert torch.allclose(attacks.input_grad(model, x, y, loss_scale=2.0**16), expected, atol=1e-12)
+    assert torch.allclose(attacks.input_grad(model, x, zeros(x), y)[0], expected, atol=1e-12)
+    assert torch.allclose(attacks.input_grad(model, x, zeros(x), y, loss_scale=2.0**16)[0], expected, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())  # attacks never touch parameter .grad
 
 
-def test_grad_sum_penalty_equals_definition():
-    model, (x, y) = linear_model(n_classes=2), interior_batch()
+def test_grad_sum_penalty_equals_definition_at_an_unclipped_grid_point():
+    model, _ = linear_model(n_classes=2), None
+    x = torch.ones(16, 3, 4, 4, dtype=torch.float64)  # white images: eta pushes half the pixels above 1
+    y = torch.randint(0, 2, (16,))
     torch.manual_seed(5)
     eta = attacks.uniform_delta(x, EPS, on_grid=True)
     torch.manual_seed(5)
     value = attacks.grad_sum_penalty(model, x, y, EPS)
+    assert (x + eta).max() > 1  # the point is not clipped, as in the original
     assert torch.allclose(value, analytic_input_grad(model, x + eta, y).norm(), atol=1e-12)
 
 
@@ -158,12 +179,12 @@ def test_grad_align_penalty_equals_definition_and_skips_zero_gradients():
     model, (x, y) = GatedLinear(), interior_batch()
     y = y % 3
     x[0] = EPS  # the whole ball around example 0 lies below 1/2: zero gradient, excluded from the mean
+    g1 = model.analytic_input_grad(x, y)
     torch.manual_seed(5)
-    eta = attacks.uniform_delta(x, EPS)
+    eta = attacks.uniform_delta(x, EPS, on_grid=True)
     torch.manual_seed(5)
-    value = attacks.grad_align_penalty(model, x, y, EPS)
-    g1 = model.analytic_input_grad(x, y).flatten(1)
-    g2 = model.analytic_input_grad(x + eta, y).flatten(1)
+    value = attacks.grad_align_penalty(model, x, y, EPS, g1)
+    g1, g2 = g1.flatten(1), model.analytic_input_grad(x + eta, y).flatten(1)
     assert g1[0].abs().max() == 0 and g1[1:].norm(dim=1).min() > 0
     expected = 1 - cosine(g1[1:], g2[1:]).mean()
     assert expected > 1e-3  # three classes: the two gradients really differ in direction
@@ -173,16 +194,34 @@ def test_grad_align_penalty_equals_definition_and_skips_zero_gradients():
 def test_grad_align_penalty_gradient_reaches_parameters():
     model, (x, y) = GatedLinear(), interior_batch()
     y = y % 3
-    grad_clean = model.analytic_input_grad(x, y)  # a constant of the penalty, as in GradAlign
-    finite_difference_check(seeded(lambda: attacks.grad_align_penalty(model, x, y, EPS, grad_clean)),
+    grad_first = model.analytic_input_grad(x, y).detach()  # a constant of the penalty, as with FGSM
+    finite_difference_check(seeded(lambda: attacks.grad_align_penalty(model, x, y, EPS, grad_first)),
                             model.linear.weight)
 
 
-def test_grad_align_penalty_is_zero_without_valid_examples():
+def test_grad_align_differentiates_a_differentiable_first_gradient_too():
+    """PGD/none: the original's first gradient keeps its graph, so the penalty's parameter gradient changes."""
+    model, (x, y) = GatedLinear(), interior_batch()
+    y = y % 3
+
+    def penalty(first_differentiable):
+        torch.manual_seed(3)
+        first = attacks.input_grad(model, x, zeros(x), y, clip=False, create_graph=first_differentiable)[0]
+        return attacks.grad_align_penalty(model, x, y, EPS, first)
+    constant = torch.autograd.grad(penalty(False), model.linear.weight)[0]
+    both = torch.autograd.grad(penalty(True), model.linear.weight)[0]
+    assert not torch.allclose(constant, both)
+    finite_difference_check(lambda: penalty(True), model.linear.weight)
+
+
+def test_grad_align_penalty_without_valid_examples_is_nan_unless_fixed():
     model, (x, y) = linear_model(), interior_batch(n=4)
     with torch.no_grad():
         model[1].weight.zero_()  # every input gradient is zero
-    assert attacks.grad_align_penalty(model, x, y, EPS).item() == 0
+    first = zeros(x)
+    assert torch.isnan(attacks.grad_align_penalty(model, x, y, EPS, first))
+    fixed = attacks.grad_align_penalty(model, x, y, EPS, first, empty_is_zero=True)
+    assert fixed.item() == 1  # 1 - (mean over no examples, taken as 0)
 
 
 def test_loss_scale_prevents_fp16_underflow_of_grad_sum():
@@ -203,16 +242,92 @@ def test_loss_scale_prevents_fp16_underflow_of_grad_sum():
     assert abs(scaled / exact - 1) < 1e-2  # ...and loss scaling removes it
 
 
-def test_fast_pgd_evaluation_never_reports_higher_robust_accuracy():
+def test_cosines_count_zero_vectors_as_one():
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    assert torch.allclose(attacks.cosines_or_one(a, b), torch.tensor([0.0, 1.0, 1.0]))
+
+
+# ---------------------------------------------------------------- the original's PGD evaluation protocol
+
+class PixelLogits(nn.Module):
+    """Three-class logits that depend on pixel 0 alone through a lookup: v -> (a(v), b(v), c(v))."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table  # function of v (a tensor) -> logits (n, 3)
+
+    def forward(self, x):
+        return self.table(x.flatten(1)[:, 0])
+
+
+def fixed_starts(monkeypatch, starts):
+    """Make attacks.uniform_delta return the given perturbations, one per call, in order."""
+    queue = list(starts)
+    monkeypatch.setattr(attacks, "uniform_delta", lambda x, eps, on_grid=False: queue.pop(0).expand_as(x).clone())
+
+
+def step_logits(below, above):
+    """Logits `below` for v < 1/2 and `above` from 1/2 on (constant pieces, still part of the graph of v)."""
+    def table(v):
+        pieces = [torch.tensor(p, dtype=v.dtype).expand(len(v), 3) + 0 * v[:, None] for p in (below, above)]
+        return torch.where((v < 0.5)[:, None], *pieces)
+    return table
+
+
+# At v = 0.2 class 0 wins but the loss is high (a near tie of three); at v = 0.8 class 1 wins by a little, with
+# lower loss: the highest-loss point is correctly classified, a lower-loss one is not.
+logits_at = step_logits((2.0, 1.9, 1.9), (1.0, 1.1, -10.0))
+
+
+@pytest.mark.parametrize("order", ["high_loss_first", "low_loss_first"])
+def test_pgd_eval_scores_the_highest_loss_restart_not_any_misclassification(order, monkeypatch):
+    model = PixelLogits(logits_at)
+    x = torch.full((1, 1, 2, 2), 0.4)  # clean: class 0, correct
+    y = torch.zeros(1, dtype=torch.long)
+    low, high = torch.full((1, 1, 2, 2), 0.4), torch.full((1, 1, 2, 2), -0.2)  # x + start: 0.8 (wrong), 0.2
+    ce = lambda v: F.cross_entropy(logits_at(torch.tensor([v])), y).item()  # noqa: E731
+    assert ce(0.2) > ce(0.8) and logits_at(torch.tensor([0.8])).argmax() == 1  # the premise of the test
+    fixed_starts(monkeypatch, [high, low] if order == "high_loss_first" else [low, high])
+    correct, robust, delta = attacks.pgd_eval(model, x, y, eps=0.4, step=0.0, n_iters=1, n_restarts=2)
+    assert correct.item() and not robust.item()  # kept: the correct point of higher loss; strict: broken
+    assert torch.allclose(delta, torch.full_like(x, -0.2))
+
+
+def test_pgd_eval_skips_only_examples_whose_kept_loss_exceeds_ln_k(monkeypatch):
+    """ln 3 = 1.0986: an example above it after restart 1 is not attacked again; its result stands."""
+    calls, table = [], step_logits((2.0, 1.9, 1.9), (1.0, 3.0, -10.0))
+    model = PixelLogits(lambda v: (calls.append(len(v)), table(v))[1])
+    x = torch.tensor([0.5, 0.5]).view(2, 1, 1, 1)
+    y = torch.tensor([0, 1])
+    ce = F.cross_entropy(table(torch.tensor([0.8, 0.8])), y, reduction="none")
+    assert ce[0] > math.log(3) > ce[1]  # at v = 0.8 example 0 is lost for good, example 1 is not
+    fixed_starts(monkeypatch, [torch.full((1, 1, 1, 1), 0.3)] * 3)
+    correct, robust, _ = attacks.pgd_eval(model, x, y, eps=0.3, step=0.0, n_iters=1, n_restarts=3)
+    assert correct.tolist() == [False, True] and robust.tolist() == [False, True]
+    assert calls == [2, 2, 2, 1, 1, 1, 1]  # clean; restart 1 (gradient, final); restarts 2-3 on example 1 only
+
+
+@pytest.mark.parametrize("skip_lost", [True, False])
+def test_pgd_eval_equals_closed_form_of_two_class_linear_model(skip_lost):
+    """Enough steps reach the worst case from any start: robust iff margin > eps ||w_y - w_o||_1."""
+    model, (x, y) = linear_model(scale=0.3), interior_batch(n=64)
+    w = model[1].weight
+    expected = margin(model, x, y) - EPS * (w[y] - w[1 - y]).abs().sum(1) > 0
+    assert 0 < expected.sum() < len(y)  # the check means something only if both outcomes occur
+    correct, robust, _ = attacks.pgd_eval(model, x, y, EPS, EPS / 4, n_iters=10, n_restarts=3, skip_lost=skip_lost)
+    assert torch.equal(correct, expected) and torch.equal(robust, expected)
+
+
+def test_skipping_lost_examples_changes_no_result():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
     x, y = torch.rand(128, 3, 8, 8), torch.randint(0, 10, (128,))
-    with torch.no_grad():
-        y = model(x).argmax(1)  # all clean-correct, so the attack decides everything
     for seed in range(3):
-        torch.manual_seed(seed)
-        fast = attacks.pgd_robust(model, x, y, 4 / 255, 1 / 255, n_iters=5, n_restarts=3, skip_broken=True)
-        torch.manual_seed(seed)
-        plain = attacks.pgd_robust(model, x, y, 4 / 255, 1 / 255, n_iters=5, n_restarts=3, skip_broken=False)
-        assert 0 < plain.sum() < len(y)
-        assert not (fast & ~plain).any()  # every example robust in the fast mode is robust in the plain one
+        results = []
+        for skip in (True, False):
+            torch.manual_seed(seed)
+            results.append(attacks.pgd_eval(model, x, y, 4 / 255, 1 / 255, n_iters=5, n_restarts=3, skip_lost=skip))
+        (fast_c, fast_r, _), (plain_c, plain_r, _) = results
+        assert torch.equal(fast_c, plain_c) and torch.equal(fast_r, plain_r)
+        assert not (plain_r & ~plain_c).any()  # the strict rule is never above the original one

@@ -12,13 +12,30 @@ from conftest import TINY_CLASSES, save_png
 
 
 def test_image_folder_loads_images_labels_and_classes(tiny_data):
-    ds = data.load_data("cifar10", tiny_data)
+    ds = data.load_data("imagefolder", tiny_data)
     assert ds.classes == TINY_CLASSES
     assert ds.train_x.shape == (48, 3, 8, 8) and ds.train_x.dtype == torch.uint8
     assert ds.test_x.shape == (24, 3, 8, 8)
     assert ds.train_y.tolist() == [0] * 16 + [1] * 16 + [2] * 16
     expected = np.array(Image.open(os.path.join(tiny_data, "train", "dog", "0003.png")))  # label 1, 4th image
     assert torch.equal(ds.train_x[16 + 3].permute(1, 2, 0), torch.from_numpy(expected))
+
+
+def test_cifar10_image_folder_interleaves_classes_so_the_first_points_cover_all(tiny_data):
+    """The original evaluates the first N points of the official files, where classes are mixed."""
+    folder, ds = data.load_data("imagefolder", tiny_data), data.load_data("cifar10", tiny_data)
+    assert ds.test_y.tolist() == [0, 1, 2] * 8 and ds.train_y.tolist() == [0, 1, 2] * 16
+    assert torch.equal(ds.train_x[3 * 3 + 1], folder.train_x[16 + 3])  # 4th image of class 1
+    assert torch.equal(ds.test_x.sum(0), folder.test_x.sum(0))  # a permutation: the same images
+
+
+def test_binary_grayscale_data_is_the_floor_of_the_channel_mean(tmp_path):
+    from conftest import make_image_folder
+    root = make_image_folder(str(tmp_path / "d"), n_train_per_class=3, n_test_per_class=2, classes=data.CIFAR_CLASSES)
+    binary, gray = data.load_data("cifar10_binary", root), data.load_data("cifar10_binary_gs", root)
+    assert gray.train_x.shape[1] == 1 and gray.classes == ("deer", "ship")
+    assert torch.equal(gray.train_x[:, 0], binary.train_x.double().mean(1).floor().to(torch.uint8))
+    assert binary.train_y.tolist() == [0, 1] * 3 and binary.test_y.tolist() == [0, 1] * 2
 
 
 def test_decoded_split_is_cached_and_invalidated(tiny_data):
@@ -78,12 +95,11 @@ def test_ranks_split_the_global_batch():
         assert torch.equal(torch.cat([halves[0][k][1], halves[1][k][1]]), yw)
 
 
-def test_fixed_subset_ignores_run_seed():
-    torch.manual_seed(123)
-    a = data.fixed_subset(1000, 50)
-    torch.manual_seed(456)
-    assert torch.equal(a, data.fixed_subset(1000, 50)) and len(a.unique()) == 50
-    assert torch.equal(data.fixed_subset(10, -1), torch.arange(10))
+def test_evaluation_points_are_the_first_ones():
+    import evaluation
+    assert torch.equal(evaluation.first_points(1000, 256), torch.arange(256))
+    assert torch.equal(evaluation.first_points(10, -1), torch.arange(10))
+    assert torch.equal(evaluation.first_points(10, 50), torch.arange(10))
 
 
 def test_read_only_data_folder_is_never_written(tiny_data, tmp_path):

@@ -42,14 +42,16 @@ def make_tiny_imagenet(root, wnids=("n03", "n01", "n02"), n_train=4, n_val=6, si
     return root
 
 
-def test_tiny_imagenet_labels_follow_wnids_and_val_annotations(tmp_path):
+def test_tiny_imagenet_is_in_the_originals_image_folder_order(tmp_path):
+    """As torchvision's ImageFolder (the original's loader): classes sorted by wnid, images by class and name,
+    so the first evaluation points are those of the first classes."""
     ds = data.load_data("tiny_imagenet", make_tiny_imagenet(str(tmp_path)))
-    assert ds.classes == ("n03", "n01", "n02") and ds.image_size == 64 and ds.in_channels == 3
+    assert ds.classes == ("n01", "n02", "n03") and ds.image_size == 64 and ds.in_channels == 3
     assert ds.train_x.shape == (12, 3, 64, 64) and ds.test_x.shape == (6, 3, 64, 64)
     assert ds.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert [int(x[0, 0, 0]) for x in ds.train_x] == [20 * k + i for k in range(3) for i in range(4)]
-    assert ds.test_y.tolist() == [(2 * i) % 3 for i in range(6)]  # from val_annotations.txt, in wnids order
-    assert [int(x[0, 0, 0]) for x in ds.test_x] == [200 + i for i in range(6)]
+    assert [int(x[0, 0, 0]) for x in ds.train_x] == [20, 21, 22, 23, 40, 41, 42, 43, 0, 1, 2, 3]
+    assert ds.test_y.tolist() == [0, 0, 1, 1, 2, 2]  # val_i belongs to wnids[2i mod 3]
+    assert [int(x[0, 0, 0]) for x in ds.test_x] == [202, 205, 201, 204, 200, 203]
     assert ds.flip and ds.crop_padding == 4
 
 
@@ -180,8 +182,8 @@ def test_resnet34_trains_on_64px_tiny_imagenet_through_the_command_line(tmp_path
     root = make_tiny_imagenet(str(tmp_path / "data"), n_train=8, n_val=6)
     argv = shlex.split(f"--dataset=tiny_imagenet --data_dir={root} --model=resnet34 --epochs=1 --batch_size=8 "
                        "--lr_max=0.01 --eps=8 --attack=fgsm --discrete_eps --grad_input_sum_coeff=1 "
-                       "--eval_iter_freq=3 --n_eval_every_k_iter=4 --attack_iters=2 --n_restarts=1 --n_final_eval=6 "
-                       f"--batch_size_eval=6 --device=cpu --out_dir={tmp_path} --run_name=tiny")
+                       "--eval_iter_freq=3 --n_eval_every_k_iter=8 --attack_iters=2 --n_restarts=1 --n_final_eval=6 "
+                       f"--final_attack_iters=2 --final_n_restarts=1 --batch_size_eval=6 --device=cpu --out_dir={tmp_path} --run_name=tiny")
     assert train.main(argv) == 0
     rows = utils.read_jsonl(tmp_path / "tiny" / "metrics.jsonl")
     assert [r["iteration"] for r in rows if r["kind"] == "periodic"] == [3]

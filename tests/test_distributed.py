@@ -26,14 +26,14 @@ def tiny_data_module(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data") / "data"))
 
 
-@pytest.mark.parametrize("method", ["--attack=fgsm --grad_input_sum_coeff=1 --attack_init=random",
+@pytest.mark.parametrize("method", ["--attack=fgsm --grad_input_sum_coeff=1 --attack_init=random --fix_gradsum",
                                     "--attack=fgsm --minibatch_replay=2", "--model=resnet18 --discrete_eps",
                                     "--attack=pgd --pgd_train_n_iters=2 --grad_align_cos_lambda=0.2 --half_prec"])
 def test_two_processes_train_one_model(method, tmp_path, tiny_data_module):
     run_dir, out = launch(tmp_path, tiny_data_module, "ddp", method, 2)
     assert "2 processes hold identical weights" in out
     rows = utils.read_jsonl(run_dir / "metrics.jsonl")
-    assert all(r["n_eval_points"] == 8 for r in rows if r["kind"] == "periodic")  # each point counted once
+    assert all(r["n_eval_points"] == 16 for r in rows if r["kind"] == "periodic")  # each point counted once
     assert [r["n_points"] for r in rows if r["kind"] == "final"] == [12, 12, 12]
     assert sorted(os.listdir(run_dir)) == ["args.json", "checkpoint.pt", "log.txt", "metrics.jsonl", "timing.json"]
     assert len(torch.load(run_dir / "checkpoint.pt", weights_only=True)["processes"]) == 2
@@ -41,7 +41,7 @@ def test_two_processes_train_one_model(method, tmp_path, tiny_data_module):
 
 def test_two_processes_match_one_process_without_batchnorm(tmp_path, tiny_data_module):
     """The cnn has no BatchNorm and zero-init FGSM draws nothing random: only the split differs."""
-    flags = "--attack=fgsm --fgsm_alpha=1.0 --epochs=3"
+    flags = "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0 --epochs=3"
     one, _ = launch(tmp_path, tiny_data_module, "one", flags, 1)
     two, _ = launch(tmp_path, tiny_data_module, "two", flags, 2)
     rows = [[r for r in utils.read_jsonl(d / "metrics.jsonl") if r["kind"] == "periodic"] for d in (one, two)]

@@ -9,12 +9,14 @@ import time
 import pytest
 import torch
 
+import evaluation
+import methods
 import train
 import utils
 from test_train import ROOT, TINY_RUN
 
 # random starts and GradSum's random points make every random generator matter
-RESUMABLE = "--attack=fgsm --attack_init=random --grad_input_sum_coeff=1 --epochs=3 --eval_iter_freq=2"
+RESUMABLE = "--attack=fgsm --attack_init=random --grad_input_sum_coeff=1 --fix_gradsum --epochs=3 --eval_iter_freq=2"
 
 
 def argv(tmp_path, data_dir, name):
@@ -67,9 +69,9 @@ def test_interrupted_run_resumes_to_identical_metrics(where, reference, tmp_path
     run_dir = tmp_path / "interrupted"
     with monkeypatch.context() as m:
         if where == "between_steps":
-            fail_on_call(m, train, "train_step", 5)  # in epoch 2, after one checkpoint
+            fail_on_call(m, methods, "train_step", 6)  # in epoch 2, after one checkpoint
         elif where == "during_evaluation":
-            fail_on_call(m, train, "periodic_eval", 4)
+            fail_on_call(m, evaluation, "periodic_eval", 4)
         else:
             tear_checkpoint_write(m, 2)
         with pytest.raises(Killed):
@@ -133,14 +135,16 @@ def test_resume_refuses_training_flags(tmp_path, tiny_data, capsys):
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_keeps_good_state(tmp_path, tiny_data, monkeypatch):
-    original = train.train_step
+    original = methods.train_step
     calls = []
 
     def poisoned(*a, **kw):
         calls.append(1)
-        loss, reg, correct, carried = original(*a, **kw)
-        return (loss * float("nan") if len(calls) == 5 else loss), reg, correct, carried
-    monkeypatch.setattr(train, "train_step", poisoned)
+        stats, delta = original(*a, **kw)
+        if len(calls) == 6:  # the original's step-less epoch 0 is call 1, so this is iteration 5
+            stats = {**stats, "loss": stats["loss"] * float("nan")}
+        return stats, delta
+    monkeypatch.setattr(methods, "train_step", poisoned)
     assert train.main(argv(tmp_path, tiny_data, "nan")) == 1
     log = open(tmp_path / "nan" / "log.txt").read()
     assert "non-finite training loss at iteration 5" in log

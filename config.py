@@ -1,0 +1,219 @@
+"""train.py's flags, their checks, the run name, and the loader of a saved run's arguments.
+
+Defaults are the original code's (github CharlesJames13586/Improving-Single-Step-Adversarial-Training-By-Local-
+Smoothing at 9b877ea); the `--fix_*` flags correct what is plainly a bug there, and the other extra flags are
+options that are off by default. Every pixel-valued flag is in pixels/255; images are in [0, 1].
+"""
+import argparse
+import json
+import os
+import re
+
+import torch
+
+import data
+import schedules
+from models import INPUT_NORMALIZATIONS, MODELS, build_model
+
+CHECKPOINT = "checkpoint.pt"
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+ATTACKS = ("fgsm", "pgd", "pgd_corner", "none")
+AMP_DTYPES = ("float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """A bad flag or combination; the message names the flag, the value and what is allowed."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser(description=None):
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
+    g = p.add_argument_group("data").add_argument
+    g("--dataset", default="cifar10", help=f"one of {', '.join(data.DATASETS)}")
+    g("--data_dir", default="data", help="the dataset's folder (downloaded there when missing); cifar10 also "
+      "reads an image folder train/<class>/*, test/<class>/*")
+    g("--n_train", type=int, default=-1, help="train on the first this many examples; -1: all")
+    g = p.add_argument_group("model").add_argument
+    g("--model", default="resnet18", help=f"one of {', '.join(MODELS)}")
+    g("--n_layers", type=int, default=1, help="cnn: number of 3x3 conv layers")
+    g("--n_filters_cnn", type=int, default=16, help="cnn: filters per conv layer")
+    g("--input_normalization", default="none", help="none (the original) or dataset (training mean/std inside "
+      "the model)")
+    g("--load_model", default=None, metavar="RUN_DIR", help="start from the last weights of a finished run "
+      "instead of the initialisation (the schedules start afresh)")
+    g = p.add_argument_group("training").add_argument
+    g("--epochs", "--epoch", dest="epochs", type=int, default=30, help="training epochs (after the original's "
+      "step-less epoch 0)")
+    g("--batch_size", type=int, default=128, help="global training batch (images), split over processes")
+    g("--lr_max", type=float, default=0.2, help="peak learning rate")
+    g("--lr_schedule", default="cyclic", help=f"one of {', '.join(schedules.LR_SCHEDULES)}; set every iteration")
+    g("--weight_decay", type=float, default=5e-4, help="SGD (momentum 0.9) for ResNets, Adam for cnn")
+    g("--weight_clip", action="store_true", help="the original's weight clipping after each step (weights >= 0.2 "
+      "become 0.1, <= -0.2 become -0.1)")
+    g("--seed", type=int, default=0)
+    g = p.add_argument_group("training attack").add_argument
+    g("--eps", type=float, default=8.0, help="L-inf radius, pixels/255 (training and evaluation)")
+    g("--attack", default="fgsm", help=f"one of {', '.join(ATTACKS)}")
+    g("--attack_init", default="random", help="zero, or random (uniform in the eps-ball; on the 1/255 grid "
+      "under VFSAT)")
+    g("--fgsm_alpha", type=float, default=1.25, help="FGSM step as a multiple of eps")
+    g("--mast", action="store_true", help="MAST: the FGSM step's magnitude drawn per pixel from the eps-ball grid")
+    g("--pgd_train_n_iters", type=int, default=10, help="PGD training: iterations")
+    g("--pgd_alpha_train", type=float, default=2.0, help="PGD training: step, pixels/255")
+    g("--minibatch_replay", type=int, default=1, help="Free-AT as the original runs it (fgsm only): each batch "
+      "is used this many consecutive iterations and the perturbation is carried over")
+    g("--discrete_eps", action="store_true", help="VFSAT: the training eps cycles over a discrete ramp by epoch")
+    g = p.add_argument_group("regularisers").add_argument
+    g("--grad_input_sum_coeff", type=float, default=0.0, help="GradSum coefficient (0: off)")
+    g("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign coefficient (0: off)")
+    g("--print_g_i_s", action="store_true", help="compute and log the GradSum norm even when its coefficient is 0")
+    g = p.add_argument_group("corrections of the original (each off by default)").add_argument
+    g("--fix_vfsat_list", action="store_true", help="VFSAT ramps to --eps for every eps (the original's list "
+      "ignores eps other than 16 and ramps to 8)")
+    g("--fix_vfsat_start", action="store_true", help="VFSAT's random start drawn in the epoch's ball (the "
+      "original draws it in the full --eps ball, so its sign often outweighs the step)")
+    g("--vfsat_reg_eps", action="store_true", help="GradSum/GradAlign random points in the epoch's VFSAT ball "
+      "(the original uses --eps)")
+    g("--fix_gradsum", action="store_true", help="GradSum takes effect with a random start (the gradient at the "
+      "start, differentiated) and with PGD/none (a random point), and combines with zero-init GradAlign; the "
+      "original's term is a detached constant there, or crashes")
+    g("--fix_gradalign_empty", action="store_true", help="GradAlign is 0, not NaN, when no example has two "
+      "non-zero gradients")
+    g = p.add_argument_group("evaluation").add_argument
+    g("--attack_iters", type=int, default=10, help="periodic evaluation: PGD iterations (step eps/4)")
+    g("--n_restarts", type=int, default=1, help="periodic evaluation: PGD random restarts")
+    g("--eval_iter_freq", type=int, default=200, help="evaluate every this many iterations")
+    g("--n_eval_every_k_iter", type=int, default=256, help="periodic evaluation on the first this many test "
+      "points and training points")
+    g("--start_eval_epoch", type=int, default=0, help="periodic evaluations from the epoch after this one")
+    g("--n_final_eval", type=int, default=-1, help="final evaluation on the first this many test points; -1: all")
+    g("--final_attack_iters", type=int, default=50, help="final evaluation: PGD iterations (the original's 50)")
+    g("--final_n_restarts", type=int, default=10, help="final evaluation: PGD restarts (the original's 10)")
+    g("--eval_early_stopped_model", action="store_true", help="final evaluation of the kept models too")
+    g("--batch_size_eval", type=int, default=256, help="evaluation batch per process (images)")
+    g = p.add_argument_group("precision and speed").add_argument
+    g("--half_prec", action="store_true", help="mixed precision (autocast; fp16 with dynamic loss scaling)")
+    g("--amp_dtype", default="float16", help=f"with --half_prec: one of {', '.join(AMP_DTYPES)} (bfloat16 needs "
+      "no loss scaling)")
+    g("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    g("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign)")
+    g("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics")
+    g("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    g = p.add_argument_group("runs").add_argument
+    g("--out_dir", default="runs", help="parent folder of run directories")
+    g("--run_name", default=None, help="run directory name (letters, digits, . _ -); default: from the flags")
+    g("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
+      "(its flags come from RUN_DIR/args.json; only --device may be given too)")
+    return p
+
+
+def uses_double_backprop(args):
+    return bool(args.grad_input_sum_coeff or args.grad_align_cos_lambda or args.print_g_i_s)
+
+
+def check_args(args, n_procs=1):
+    """Reject values the code cannot run, before any work starts."""
+    def need(ok, flag, allowed):
+        if not ok:
+            raise UsageError(f"--{flag}={getattr(args, flag)!r}: {allowed}")
+
+    choices = (("dataset", data.DATASETS), ("model", MODELS), ("lr_schedule", schedules.LR_SCHEDULES),
+               ("attack", ATTACKS), ("attack_init", ("zero", "random")), ("amp_dtype", AMP_DTYPES),
+               ("input_normalization", INPUT_NORMALIZATIONS))
+    for flag, allowed in choices:
+        need(getattr(args, flag) in allowed, flag, f"choose one of {', '.join(allowed)}")
+    for flag in ("epochs", "batch_size", "batch_size_eval", "n_layers", "n_filters_cnn", "pgd_train_n_iters",
+                 "minibatch_replay", "attack_iters", "n_restarts", "eval_iter_freq", "n_eval_every_k_iter",
+                 "final_attack_iters", "final_n_restarts"):
+        need(getattr(args, flag) >= 1, flag, "must be a positive integer")
+    for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps"):
+        need(getattr(args, flag) > 0, flag, "must be positive")
+    for flag in ("grad_input_sum_coeff", "grad_align_cos_lambda", "start_eval_epoch", "weight_decay"):
+        need(getattr(args, flag) >= 0, flag, "must be zero or positive")
+    need(args.eps <= 255, "eps", "is in pixels/255: at most 255")
+    need(args.n_train == -1 or args.n_train >= args.batch_size, "n_train",
+         f"-1 (all) or at least --batch_size ({args.batch_size})")
+    need(args.n_eval_every_k_iter >= args.batch_size, "n_eval_every_k_iter", f"at least --batch_size "
+         f"({args.batch_size}): the original evaluates training points in full training batches")
+    need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
+    need(args.minibatch_replay == 1 or args.attack == "fgsm", "minibatch_replay", "Free-AT needs --attack=fgsm")
+    need(not args.mast or args.attack == "fgsm", "mast", "MAST is an FGSM step: it needs --attack=fgsm")
+    need(not (args.grad_input_sum_coeff and args.grad_align_cos_lambda and args.attack_init == "zero"
+              and not args.fix_gradsum), "grad_input_sum_coeff",
+         "with --grad_align_cos_lambda and --attack_init=zero the original crashes (its GradSum term is never "
+         "computed); add --fix_gradsum to train with both terms")
+    need(not (args.compile and uses_double_backprop(args)), "compile",
+         "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
+    need(args.batch_size % n_procs == 0, "batch_size", f"the global batch must split evenly over {n_procs} processes")
+    need(args.run_name is None or RUN_NAME_PATTERN.match(args.run_name), "run_name",
+         "use letters, digits, '.', '_' and '-' only")
+    need(os.path.isdir(args.data_dir) or not os.path.exists(args.data_dir), "data_dir", "is not a folder")
+    need(args.load_model is None or os.path.isdir(args.load_model), "load_model", "is not a run directory")
+
+
+def method_name(args):
+    """A short filesystem-safe name of the training method, e.g. fgsm-vfsat or pgd10a1.6-gradsum1."""
+    pgd = f"{args.pgd_train_n_iters}a{args.pgd_alpha_train:g}"  # iterations and step (pixels/255)
+    parts = [{"fgsm": "fgsm", "pgd": f"pgd{pgd}", "pgd_corner": f"pgdcorner{pgd}", "none": "std"}[args.attack]]
+    if args.minibatch_replay > 1:
+        parts[0] = f"free{args.minibatch_replay}"
+    if args.attack_init == "random" and args.attack != "none":
+        parts.append("rs")
+    flags = (("mast", "mast"), ("discrete_eps", "vfsat"), ("grad_input_sum_coeff", "gradsum"),
+             ("grad_align_cos_lambda", "gradalign"))
+    for flag, name in flags:
+        value = getattr(args, flag)
+        if value:
+            parts.append(name if value is True else f"{name}{value:g}")
+    return "-".join(parts)
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags that argv names explicitly."""
+    names = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+    return {a.dest for a in parser._actions if names & set(a.option_strings)}
+
+
+def load_args(run_dir):
+    """A saved run's arguments: its args.json laid over today's defaults, so runs saved before a flag existed
+    read as if they had its default."""
+    path = os.path.join(run_dir, "args.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{run_dir}: cannot read args.json there ({type(err).__name__}); is it a run "
+                         "directory written by train.py?") from None
+    args = build_parser().parse_args([])
+    vars(args).update(saved)
+    return args
+
+
+def args_to_dict(args):
+    return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
+            for k, v in vars(args).items()}
+
+
+def load_checkpoint(path, flag="--resume"):
+    """A checkpoint written by train.py, from its run directory (or the file itself)."""
+    ckpt = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{flag}={path!r}: no {CHECKPOINT} there (the run stopped before its first epoch "
+                         "ended: start it again)") from None
+    except Exception as err:  # truncated, corrupt, or not a checkpoint
+        raise UsageError(f"{flag}={path!r}: {ckpt} is unreadable ({type(err).__name__}); it was not written "
+                         "by train.py or is damaged") from None
+
+
+def model_from_args(args, dataset):
+    """The run's network for this dataset, freshly initialised as the original does."""
+    mean_std = dataset.mean_std() if args.input_normalization == "dataset" else None
+    return build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
+                       args.n_layers, args.n_filters_cnn)

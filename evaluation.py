@@ -1,0 +1,99 @@
+"""Accuracies under the original's evaluation protocol: periodic evaluations during training, the final one,
+and the pieces eval.py combines. Models are evaluated in eval mode and fp32; points are split over processes
+and every count is global."""
+import torch
+
+import attacks
+import data
+import utils
+
+PGD_STEP_FRACTION = 1 / 4  # the original's evaluation PGD step, as a fraction of eps
+
+
+def fractions(stats_fn, keys, batches):
+    """{key: mean over all points and processes of stats_fn(x, y)[key]} (per-example tensors), and the number
+    of points."""
+    totals, n = dict.fromkeys(keys, 0.0), 0
+    for x, y in batches:
+        values = stats_fn(x, y)
+        for key in keys:
+            totals[key] += float(values[key].double().sum())
+        n += len(y)
+    *sums, n = utils.global_sum(*(totals[k] for k in keys), n)
+    return {k: s / max(n, 1) for k, s in zip(keys, sums)}, int(n)
+
+
+def batches(x_u8, y, batch_size, desc=None):
+    n_batches = -(-len(y) // batch_size)
+    return utils.progress(data.eval_batches(x_u8, y, batch_size), n_batches, desc)
+
+
+def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True):
+    """(x, y) -> per-example 'pgd' (correct under the original protocol) and 'pgd_any' (the strict rule)."""
+    def stats(x, y):
+        correct, robust, _ = attacks.pgd_eval(model, x, y, eps, step or eps * PGD_STEP_FRACTION, n_iters,
+                                              n_restarts, skip_lost)
+        return {"pgd": correct, "pgd_any": robust}
+    return stats
+
+
+def clean_stats(model):
+    return lambda x, y: {"clean": utils.clean_correct(model, x, y)}
+
+
+def fgsm_stats(model, step, radius):
+    return lambda x, y: {"fgsm": attacks.fgsm_eval(model, x, y, step, radius)[0]}
+
+
+def periodic_test_stats(model, eps, attack_iters, n_restarts):
+    """Everything the original logs about the test points: clean, FGSM (step eps), PGD accuracy, the cosine
+    between the FGSM and PGD perturbations, and the cosine between input gradients at x and at x + eta."""
+    def stats(x, y):
+        fgsm_correct, fgsm_delta = attacks.fgsm_eval(model, x, y, eps, eps)
+        pgd_correct, pgd_robust, pgd_delta = attacks.pgd_eval(model, x, y, eps, eps * PGD_STEP_FRACTION,
+                                                              attack_iters, n_restarts)
+        return {"clean_acc": utils.clean_correct(model, x, y), "fgsm_acc": fgsm_correct, "pgd_acc": pgd_correct,
+                "pgd_any_acc": pgd_robust, "cos_fgsm_pgd": attacks.cosines_or_one(fgsm_delta, pgd_delta),
+                "grad_cosine": attacks.grad_cosines(model, x, y, eps).detach()}
+    return stats
+
+
+PERIODIC_TEST_KEYS = ("clean_acc", "fgsm_acc", "pgd_acc", "pgd_any_acc", "cos_fgsm_pgd", "grad_cosine")
+
+
+def periodic_eval(model, eval_sets, eps, args):
+    """The original's periodic evaluation on its fixed test and training points (eval mode, no augmentation)."""
+    (test_x, test_y), (train_x, train_y) = eval_sets["test"], eval_sets["train"]
+    was_training = model.training
+    model.eval()
+    test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts),
+                               PERIODIC_TEST_KEYS, batches(test_x, test_y, args.batch_size_eval, "test points"))
+    row = {("test_" + k if k.endswith("_acc") else k): v for k, v in test.items()}
+    train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts), ("pgd",),
+                         batches(train_x, train_y, args.batch_size_eval, "training points"))
+    row["train_pgd_acc"] = train["pgd"]
+    row["n_eval_points"] = n_points
+    model.train(was_training)
+    return row
+
+
+def final_eval(model, states, x_u8, y, eps, args):
+    """One row per saved model: clean, FGSM (step eps) and PGD accuracy under the final attack, the original
+    protocol ('pgd_acc') and the strict rule ('pgd_any_acc')."""
+    rows = []
+    model.eval()
+    keys = ("clean", "fgsm", "pgd", "pgd_any")
+    for name, state in states.items():
+        model.load_state_dict(state)
+        pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts)
+        stats = lambda xb, yb: {"clean": utils.clean_correct(model, xb, yb),  # noqa: E731
+                                "fgsm": attacks.fgsm_eval(model, xb, yb, eps, eps)[0], **pgd(xb, yb)}
+        accs, n = fractions(stats, keys, batches(x_u8, y, args.batch_size_eval, f"final evaluation: {name}"))
+        rows.append({"kind": "final", "model": name, **{f"{k}_acc": v for k, v in accs.items()}, "n_points": n})
+    model.train()
+    return rows
+
+
+def first_points(n_total, n):
+    """Indices of the first n points (all for n < 0), the original's choice of evaluation points."""
+    return torch.arange(n_total if n < 0 else min(n, n_total))

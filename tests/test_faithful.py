@@ -1,0 +1,184 @@
+"""The original code's method edge cases, one test each: what its train.py computes for these flags."""
+import logging
+import os
+import shlex
+
+import pytest
+import torch
+
+import attacks
+import config
+import data
+import methods
+import train
+import utils
+from test_train import TINY_RUN, run_cli
+
+EPS_PX = 8
+
+
+def make_trainer(tmp_path, tiny_data, flags=""):
+    args = config.build_parser().parse_args(shlex.split(f"{TINY_RUN} --eps={EPS_PX} --data_dir={tiny_data} {flags}"))
+    config.check_args(args)
+    args.device = torch.device("cpu")
+    torch.manual_seed(0)
+    return train.Trainer(args, data.load_data(args.dataset, args.data_dir), str(tmp_path), logging.getLogger("t"))
+
+
+def batch(trainer):
+    return next(trainer.batches(1))
+
+
+def test_vfsat_random_start_is_drawn_in_the_full_ball_on_the_grid(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path, tiny_data, "--discrete_eps --attack_init=random")
+    x, _ = batch(trainer)
+    radii = trainer.radii(epoch=1)  # VFSAT's first value: 2/255
+    assert radii.fgsm_eps == pytest.approx(2 / 255) and radii.eps == pytest.approx(8 / 255)
+    start = methods.fgsm_start(x, radii, trainer.args, None)
+    assert (start.abs().max() * 255).round() == 8  # the full eps-ball, not the epoch's
+    assert torch.allclose(start * 255, (start * 255).round(), atol=1e-4)
+    fixed = make_trainer(tmp_path, tiny_data, "--discrete_eps --attack_init=random --fix_vfsat_start")
+    assert (methods.fgsm_start(x, fixed.radii(1), fixed.args, None).abs().max() * 255).round() == 2
+
+
+@pytest.mark.parametrize("flags, reg_px, pgd_px", [("--discrete_eps", 8, 8), ("--discrete_eps --vfsat_reg_eps", 2, 8),
+                                                   ("--discrete_eps --attack=pgd", 8, 8)])
+def test_regularisers_and_pgd_use_the_full_eps_under_vfsat(flags, reg_px, pgd_px, tmp_path, tiny_data):
+    radii = make_trainer(tmp_path, tiny_data, flags).radii(epoch=1)
+    assert radii.reg_eps * 255 == pytest.approx(reg_px) and radii.pgd_eps * 255 == pytest.approx(pgd_px)
+
+
+def test_svhn_ramps_eps_and_fgsm_alpha_over_five_epochs_of_iterations(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path, tiny_data, "--fgsm_alpha=1.25")
+    trainer.args.dataset = "svhn"  # the warm-up keys on the dataset name; the data can stay tiny
+    n_max = 5 * 48 // 16  # 5 epochs of the full training set, in batches (the original's formula)
+    for iteration, fraction in ((0, 0.0), (3, 0.2), (15, 1.0), (40, 1.0)):
+        trainer.iteration = iteration
+        radii = trainer.radii(epoch=1)
+        assert radii.fgsm_alpha == pytest.approx(1.25 * iteration / n_max if iteration < n_max else 1.25)
+        assert radii.pgd_eps == pytest.approx(fraction * 8 / 255)
+
+
+def grad_sum_is_trained(tmp_path, tiny_data, flags):
+    trainer = make_trainer(tmp_path, tiny_data, f"--grad_input_sum_coeff=1 {flags}")
+    x, y = batch(trainer)
+    radii = trainer.radii(1)
+    _, grad = methods.perturb(trainer.model, x, y, radii, trainer.args, 1.0)
+    return methods.grad_sum(trainer.model, x, y, radii, trainer.args, grad, 1.0).requires_grad
+
+
+@pytest.mark.parametrize("flags, trained", [
+    ("--attack_init=zero", True),
+    ("--attack_init=random", False),  # the FGSM gradient at the random start, detached
+    ("--attack_init=random --fix_gradsum", True),
+    ("--attack=pgd --attack_init=random", False),  # the clean gradient, detached
+    ("--attack=pgd --attack_init=random --grad_align_cos_lambda=0.1", True),  # GradAlign keeps its graph
+    ("--attack=none --attack_init=random --fix_gradsum", True),
+    ("--attack=pgd --attack_init=zero", True),
+])
+def test_grad_sum_is_a_constant_exactly_where_the_original_detaches_it(flags, trained, tmp_path, tiny_data):
+    assert grad_sum_is_trained(tmp_path, tiny_data, flags) == trained
+
+
+class Counter(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+@pytest.mark.parametrize("flags, n_forwards", [
+    ("--attack=none", 2),  # the original's extra gradient at x, then the training pass
+    ("--attack=fgsm --attack_init=zero", 2),
+    ("--attack=fgsm --attack_init=zero --grad_input_sum_coeff=1", 3),
+    ("--attack=pgd --pgd_train_n_iters=2", 4),
+    ("--attack=pgd --pgd_train_n_iters=2 --grad_align_cos_lambda=1", 5),
+])
+def test_forward_passes_per_iteration_are_the_originals(flags, n_forwards, tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path, tiny_data, flags)
+    x, y = batch(trainer)
+    counter = Counter(trainer.model)
+    methods.losses(counter, x, y, trainer.radii(1), trainer.args, 1.0)
+    assert counter.calls == n_forwards
+
+
+def test_epoch_zero_moves_batchnorm_statistics_but_not_weights(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path, tiny_data, "--model=resnet18 --attack_init=zero")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.epoch_zero()
+    after = trainer.model.state_dict()
+    assert trainer.iteration == 0
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("running" in k or "num_batches" in k for k in changed)
+
+
+def test_free_at_replays_batches_within_an_epoch_of_the_loaders_length(tmp_path, tiny_data, monkeypatch):
+    seen = []
+    original = methods.train_step
+
+    def recording(model, opt, scaler, autocast, x, y, radii, args, carried=None, net=None, update=True):
+        stats, delta = original(model, opt, scaler, autocast, x, y, radii, args, carried, net, update)
+        seen.append((x.clone(), None if carried is None else carried.clone(), delta.clone(), update))
+        return stats, delta
+    monkeypatch.setattr(methods, "train_step", recording)
+    code, _ = run_cli("--attack=fgsm --minibatch_replay=2 --epochs=2", tmp_path, tiny_data)
+    assert code == 0
+    assert [u for *_, u in seen] == [False] + [True] * 6  # epoch 0, then 2 epochs of 3 iterations (not 6)
+    steps = seen[1:]
+    for i in (1, 4):  # the second iteration of each pair replays the first's batch
+        assert torch.equal(steps[i][0], steps[i - 1][0])
+    assert not torch.equal(steps[2][0], steps[1][0])  # the loader's batch 1 was dropped, batch 2 taken
+    for i in range(1, 6):
+        assert torch.equal(steps[i][1], steps[i - 1][2])  # each iteration starts from the last perturbation
+    assert torch.equal(steps[0][1], seen[0][2])  # carried on from epoch 0
+
+
+def test_evaluation_runs_only_on_its_period_and_uses_the_first_points(tmp_path, tiny_data):
+    code, run_dir = run_cli("--attack=fgsm --epochs=2 --eval_iter_freq=4", tmp_path, tiny_data)
+    assert code == 0
+    rows = utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["iteration"] for r in rows if r["kind"] == "periodic"] == [4]  # not at the last iteration, 6
+    trainer = make_trainer(tmp_path, tiny_data, "--n_eval_every_k_iter=20 --batch_size=16")
+    ds = data.load_data("cifar10", tiny_data)
+    assert torch.equal(trainer.eval_sets["test"][0], ds.test_x[:20])
+    assert torch.equal(trainer.eval_sets["train"][0], ds.train_x[:16])  # in full training batches
+
+
+def test_early_stopping_starts_from_the_initial_weights_at_zero(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path, tiny_data)
+    initial = train.cpu_copy(trainer.model)
+    for kept in trainer.kept.values():
+        assert kept["iteration"] == 0 and kept["acc"] == 0.0
+        assert all(torch.equal(kept["state"][k], initial[k]) for k in initial)
+
+
+def test_weight_clip_is_the_originals():
+    layer = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, 0.19, -0.3]]))
+    methods.clip_weights(layer)
+    assert torch.allclose(layer.weight, torch.tensor([[0.1, 0.19, -0.1]]))
+
+
+def test_mast_steps_have_random_grid_magnitudes(tmp_path, tiny_data):
+    trainer = make_trainer(tmp_path, tiny_data, "--attack_init=zero --mast --fgsm_alpha=1.0")
+    x, y = batch(trainer)
+    delta, _ = methods.perturb(trainer.model, x, y, trainer.radii(1), trainer.args, 1.0)
+    inside = (x > 8 / 255) & (x < 1 - 8 / 255)
+    magnitudes = (delta[inside].abs() * 255).round().unique()
+    assert len(magnitudes) == 9 and magnitudes.max() == 8  # 0, 1, ..., 8: the grid, not only eps
+
+
+def test_fgsm_random_start_gradient_feeds_gradalign(tmp_path, tiny_data):
+    """FGSM-RS + GradAlign: the first gradient is the one at the random start, through the clamp."""
+    trainer = make_trainer(tmp_path, tiny_data, "--attack_init=random --grad_align_cos_lambda=1")
+    x, y = batch(trainer)
+    torch.manual_seed(4)
+    _, grad = methods.perturb(trainer.model, x, y, trainer.radii(1), trainer.args, 1.0)
+    torch.manual_seed(4)
+    start = attacks.uniform_delta(x, 8 / 255)
+    expected, _ = attacks.input_grad(trainer.model, x, start, y)
+    assert torch.allclose(grad, expected)
