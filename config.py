@@ -181,7 +181,7 @@ def given_flags(parser, argv):
 
 def load_args(run_dir):
     """A saved run's arguments: its args.json laid over today's defaults, so runs saved before a flag existed
-    read as if they had its default."""
+    read as if they had its default. (Runs saved before the faithful defaults hold every flag explicitly.)"""
     path = os.path.join(run_dir, "args.json")
     try:
         with open(path) as f:
@@ -190,7 +190,7 @@ def load_args(run_dir):
         raise UsageError(f"{run_dir}: cannot read args.json there ({type(err).__name__}); is it a run "
                          "directory written by train.py?") from None
     args = build_parser().parse_args([])
-    vars(args).update(saved)
+    vars(args).update({k: v for k, v in saved.items() if not k.startswith("_")})  # _provenance is not a flag
     return args
 
 

@@ -126,8 +126,12 @@ def _cached(data_dir, key_files, decode):
 
 
 def _decode(path):
-    with Image.open(path) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    except (OSError, SyntaxError, ValueError) as err:  # unidentified, truncated or damaged image files
+        raise DataError(f"{path} is not a readable image ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                        "delete or replace it, or remove the dataset's folder so it is downloaded again") from None
 
 
 def _decode_all(paths, where):
@@ -245,11 +249,20 @@ def _load_svhn(root):
 def _read_idx(path):
     """An MNIST idx file (optionally gzipped) as a uint8 tensor of its stated shape."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    damaged = (f"{path} is damaged: delete it, or remove the dataset's folder so it is downloaded again")
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # a truncated or corrupt gzip stream
+        raise DataError(f"{damaged} ({type(err).__name__}: {err})") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":  # idx magic: two zero bytes, then 8 for unsigned bytes
+        raise DataError(f"{damaged} (not an idx file of unsigned bytes)")
     n_dims = raw[3]
-    shape = struct.unpack(f">{n_dims}I", raw[4:4 + 4 * n_dims])
-    return torch.frombuffer(bytearray(raw[4 + 4 * n_dims:]), dtype=torch.uint8).view(*shape)
+    try:
+        shape = struct.unpack(f">{n_dims}I", raw[4:4 + 4 * n_dims])
+        return torch.frombuffer(bytearray(raw[4 + 4 * n_dims:]), dtype=torch.uint8).view(*shape)
+    except (struct.error, RuntimeError) as err:  # header or data shorter than the stated shape
+        raise DataError(f"{damaged} (its size does not match its header: {err})") from None
 
 
 def _load_mnist(root):

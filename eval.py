@@ -129,7 +129,12 @@ def main(argv=None):
         model.load_state_dict(states[name])
         results["models"][name] = evaluate(model, x, y, opts.eps, opts, dataset.n_classes)
     out = new_result_path(opts.run)
-    utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
+    try:
+        utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
+    except utils.WriteError as err:
+        print(f"eval.py: error: {err}; the results are printed below", file=sys.stderr)
+        print(format_table(results))
+        return 1
     print(format_table(results))
     print(f"written to {out}")
     return 0

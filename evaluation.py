@@ -20,7 +20,7 @@ def fractions(stats_fn, keys, batches):
             totals[key] += float(values[key].double().sum())
         n += len(y)
     *sums, n = utils.global_sum(*(totals[k] for k in keys), n)
-    return {k: s / max(n, 1) for k, s in zip(keys, sums)}, int(n)
+    return {k: s / max(n, 1) for k, s in zip(keys, sums, strict=True)}, int(n)
 
 
 def batches(x_u8, y, batch_size, desc=None):
@@ -85,13 +85,17 @@ def final_eval(model, states, x_u8, y, eps, args):
     keys = ("clean", "fgsm", "pgd", "pgd_any")
     for name, state in states.items():
         model.load_state_dict(state)
-        pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts)
-        stats = lambda xb, yb: {"clean": utils.clean_correct(model, xb, yb),  # noqa: E731
-                                "fgsm": attacks.fgsm_eval(model, xb, yb, eps, eps)[0], **pgd(xb, yb)}
-        accs, n = fractions(stats, keys, batches(x_u8, y, args.batch_size_eval, f"final evaluation: {name}"))
+        accs, n = fractions(final_stats(model, eps, args), keys,
+                            batches(x_u8, y, args.batch_size_eval, f"final evaluation: {name}"))
         rows.append({"kind": "final", "model": name, **{f"{k}_acc": v for k, v in accs.items()}, "n_points": n})
     model.train()
     return rows
+
+
+def final_stats(model, eps, args):
+    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts)
+    return lambda x, y: {"clean": utils.clean_correct(model, x, y), "fgsm": attacks.fgsm_eval(model, x, y, eps, eps)[0],
+                         **pgd(x, y)}
 
 
 def first_points(n_total, n):

@@ -73,7 +73,7 @@ class PreActResNet(nn.Module):
         self.normalize = normalize or nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, STAGE_WIDTHS[0], 3, 1, 1, bias=False)
         in_planes = STAGE_WIDTHS[0]
-        for i, (planes, n_blocks) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage)):
+        for i, (planes, n_blocks) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage, strict=True)):
             strides = [1 if i == 0 else 2] + [1] * (n_blocks - 1)
             setattr(self, f"layer{i + 1}", nn.Sequential(*[PreActBlock(in_planes if j == 0 else planes, planes, s)
                                                            for j, s in enumerate(strides)]))

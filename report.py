@@ -133,20 +133,32 @@ def main(argv=None):
         print(f"report.py: error: {empty[0]} is not a run directory and holds none (no metrics.jsonl)",
               file=sys.stderr)
         return 2
-    text = table(args.run_dirs)
+    try:
+        text = table(args.run_dirs)
+    except config.UsageError as err:  # an args.json that is not train.py's
+        print(f"report.py: error: {err}", file=sys.stderr)
+        return 2
     print(text, end="")
-    if args.out:
-        utils.atomic_write_text(text, args.out)
-    if args.plots:
-        os.makedirs(args.plots, exist_ok=True)
-        for key, runs in group_runs(args.run_dirs).items():
-            dirs = [run[0] for run in runs]
-            for d in dirs:
-                plot_curves([d], os.path.join(d, "curves.png"), os.path.basename(os.path.normpath(d)))
-            path = os.path.join(args.plots, group_name(key) + ".png")
-            if plot_curves(dirs, path, group_name(key)):
-                print(f"plot: {path}")
+    try:
+        if args.out:
+            utils.atomic_write_text(text, args.out)
+        if args.plots:
+            write_plots(args.run_dirs, args.plots)
+    except (utils.WriteError, OSError) as err:
+        print(f"report.py: error: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def write_plots(run_dirs, folder):
+    os.makedirs(folder, exist_ok=True)
+    for key, runs in group_runs(run_dirs).items():
+        dirs = [run[0] for run in runs]
+        for d in dirs:
+            plot_curves([d], os.path.join(d, "curves.png"), os.path.basename(os.path.normpath(d)))
+        path = os.path.join(folder, group_name(key) + ".png")
+        if plot_curves(dirs, path, group_name(key)):
+            print(f"plot: {path}")
 
 
 if __name__ == "__main__":

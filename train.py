@@ -356,7 +356,11 @@ def make_run_dir(args):
     run_dir = os.path.join(args.out_dir, name)
     if os.path.exists(run_dir):
         raise UsageError(f"--run_name={name!r}: {run_dir} already exists; choose another name or --out_dir")
-    os.makedirs(run_dir)
+    try:
+        os.makedirs(run_dir)
+    except OSError as err:
+        raise UsageError(f"--out_dir={args.out_dir!r}: cannot create {run_dir} ({err.strerror}); choose a "
+                         "writable folder") from None
     return run_dir
 
 
@@ -388,10 +392,10 @@ def main(argv=None):
             if first_process:
                 print(f"train.py: error: {error}", file=sys.stderr)
             return 2
-        if checkpoint is None and first_process:
-            utils.atomic_write_text(json.dumps(config.args_to_dict(args), indent=2) + "\n",
-                                    os.path.join(run_dir, "args.json"))
         log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
+        if checkpoint is None and first_process:
+            saved = {**config.args_to_dict(args), "_provenance": utils.provenance(args.device, argv)}
+            utils.atomic_write_text(json.dumps(saved, indent=2) + "\n", os.path.join(run_dir, "args.json"))
         log.info(f"run directory {run_dir}")
         run(args, dataset, log, run_dir, checkpoint)
         if utils.is_distributed():
@@ -399,6 +403,15 @@ def main(argv=None):
             torch.distributed.barrier()  # no process tears the group down while another still uses it
     except FloatingPointError as err:
         log.error(f"error: {err}")
+        return 1
+    except utils.WriteError as err:
+        path = os.path.join(run_dir, config.CHECKPOINT)
+        if os.path.exists(path):
+            then = (f"{path} from the last finished epoch is intact ({os.path.getsize(path) / 2**20:.1f} MiB); once "
+                    f"fixed, continue with: python train.py --resume {run_dir}")
+        else:
+            then = "no epoch had finished, so there is no checkpoint; once fixed, start the run again"
+        log.error(f"error: {err}; {then}")
         return 1
     finally:
         if utils.is_distributed():

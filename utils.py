@@ -2,20 +2,36 @@
 import json
 import logging
 import os
+import platform
+import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
 
+
+class WriteError(Exception):
+    """A file could not be written (no space, no permission, an I/O error); the message names it and why."""
+
+
 def atomic_write(path, write, binary=True):
     """Call write(file) on a temporary file, then rename it to path: path is always the old complete file or the
-    new complete one, never a torn one."""
+    new complete one, never a torn one. A failed write removes the temporary file and raises WriteError."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err).splitlines()[0]
+        raise WriteError(f"could not write {path} ({reason}; {size} bytes were written before it failed)") from None
+    return size
 
 
 def atomic_torch_save(obj, path):
@@ -54,6 +70,25 @@ def get_logger(log_path=None, quiet=False):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+def git_state(folder):
+    """(commit, whether the work tree differs from it) of the git checkout at folder; (None, None) without git."""
+    def git(*cmd):
+        return subprocess.run(["git", "-C", folder, *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        return commit, (bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def provenance(device, argv):
+    """What produced a run: the code's commit, the software and device, the command line."""
+    commit, dirty = git_state(os.path.dirname(os.path.abspath(__file__)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "device": name, "command": [sys.argv[0], *argv]}
 
 
 def dist_env():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CLASSES, save_png
 from PIL import Image
 
 import data
-from conftest import TINY_CLASSES, save_png
 
 
 def test_image_folder_loads_images_labels_and_classes(tiny_data):
@@ -77,7 +77,7 @@ def test_train_batches_are_deterministic_full_and_disjoint():
     run = lambda seed, epoch: list(data.train_batches(x, y, 32, data.epoch_generator(seed, epoch, "cpu"), 0, False))  # noqa: E731
     a, b, c = run(0, 0), run(0, 0), run(0, 1)
     assert len(a) == 3  # 100 // 32 full batches; the remainder is dropped
-    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b, strict=True))
     labels = torch.cat([yb for _, yb in a])
     assert len(labels.unique()) == 96
     assert all(torch.equal(xb[:, 0, 0, 0] * 255, yb.float()) for xb, yb in a)  # images stay with their labels

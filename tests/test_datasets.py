@@ -183,7 +183,8 @@ def test_resnet34_trains_on_64px_tiny_imagenet_through_the_command_line(tmp_path
     argv = shlex.split(f"--dataset=tiny_imagenet --data_dir={root} --model=resnet34 --epochs=1 --batch_size=8 "
                        "--lr_max=0.01 --eps=8 --attack=fgsm --discrete_eps --grad_input_sum_coeff=1 "
                        "--eval_iter_freq=3 --n_eval_every_k_iter=8 --attack_iters=2 --n_restarts=1 --n_final_eval=6 "
-                       f"--final_attack_iters=2 --final_n_restarts=1 --batch_size_eval=6 --device=cpu --out_dir={tmp_path} --run_name=tiny")
+                       "--final_attack_iters=2 --final_n_restarts=1 --batch_size_eval=6 --device=cpu "
+                       f"--out_dir={tmp_path} --run_name=tiny")
     assert train.main(argv) == 0
     rows = utils.read_jsonl(tmp_path / "tiny" / "metrics.jsonl")
     assert [r["iteration"] for r in rows if r["kind"] == "periodic"] == [3]

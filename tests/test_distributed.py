@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from test_train import ROOT, TINY_RUN
 
 import utils
-from test_train import ROOT, TINY_RUN
 
 
 def launch(tmp_path, data_dir, name, flags, n_procs):
@@ -46,7 +46,7 @@ def test_two_processes_match_one_process_without_batchnorm(tmp_path, tiny_data_m
     two, _ = launch(tmp_path, tiny_data_module, "two", flags, 2)
     rows = [[r for r in utils.read_jsonl(d / "metrics.jsonl") if r["kind"] == "periodic"] for d in (one, two)]
     assert len(rows[0]) == len(rows[1]) == 3
-    for a, b in zip(*rows):
+    for a, b in zip(*rows, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["train_acc"] == b["train_acc"]
     weights = [torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (one, two)]

@@ -6,10 +6,10 @@ import shlex
 import pytest
 import torch
 import torch.nn as nn
+from test_train import TINY_RUN
 
 import eval as evaluation
 import train
-from test_train import TINY_RUN
 
 EPS = 8 / 255
 

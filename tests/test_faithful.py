@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 import torch
+from test_train import TINY_RUN, run_cli
 
 import attacks
 import config
@@ -12,7 +13,6 @@ import data
 import methods
 import train
 import utils
-from test_train import TINY_RUN, run_cli
 
 EPS_PX = 8
 

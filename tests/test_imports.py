@@ -5,7 +5,6 @@ import importlib
 import os
 
 import pytest
-
 from test_train import ROOT
 
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))

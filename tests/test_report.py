@@ -14,7 +14,8 @@ def make_run(root, name, method_flags, seed, finals, wall_s=100.0, periodic=3):
     (run / "args.json").write_text(json.dumps(args))
     rows = [{"kind": "periodic", "iteration": 10 * (i + 1), "lr": 0.1, "train_eps": 8, "test_clean_acc": 0.5,
              "test_fgsm_acc": 0.4, "test_pgd_acc": 0.3 - 0.1 * i, "train_pgd_acc": 0.3} for i in range(periodic)]
-    rows += [{"kind": "final", "model": m, "clean_acc": c, "fgsm_acc": f, "pgd_acc": p} for m, (c, f, p) in finals.items()]
+    rows += [{"kind": "final", "model": m, "clean_acc": c, "fgsm_acc": f, "pgd_acc": p}
+             for m, (c, f, p) in finals.items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "timing.json").write_text(json.dumps({"wall_s": wall_s, "train_s": wall_s - 1}))
     return str(run)

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
+from test_train import ROOT, TINY_RUN
 
 import evaluation
 import methods
 import train
 import utils
-from test_train import ROOT, TINY_RUN
 
 # random starts and GradSum's random points make every random generator matter
 RESUMABLE = "--attack=fgsm --attack_init=random --grad_input_sum_coeff=1 --fix_gradsum --epochs=3 --eval_iter_freq=2"

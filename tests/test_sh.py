@@ -5,9 +5,9 @@ import shlex
 import subprocess
 
 import pytest
+from test_train import ROOT
 
 import config
-from test_train import ROOT
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "sh", "*.sh")) + glob.glob(os.path.join(ROOT, "sh", "*.sbatch")))
 

@@ -69,7 +69,9 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 2 * iters_per_epoch
     assert {"model", "optimizer", "scaler", "kept", "metrics", "processes"} <= set(ckpt)
-    assert json.load(open(os.path.join(run_dir, "args.json")))["epochs"] == 2
+    saved = json.load(open(os.path.join(run_dir, "args.json")))
+    assert saved["epochs"] == 2 and saved["_provenance"]["torch"] == torch.__version__
+    assert vars(config.load_args(run_dir)).keys() == vars(config.build_parser().parse_args([])).keys()
 
 
 @pytest.mark.parametrize("fix, expected", [("", [2, 4, 6]), ("--fix_vfsat_list", [2, 4, 5])])
@@ -85,8 +87,8 @@ def test_vfsat_logs_the_epoch_eps(fix, expected, tmp_path, tiny_data):
 def test_standard_training_learns_the_tiny_task(tmp_path, tiny_data):
     """The tiny classes differ by mean colour: a working pipeline gets them nearly all right (with input
     normalisation: 15 epochs of 3 steps are too few for the raw [0, 1] input of the original network)."""
-    code, run_dir = run_cli("--attack=none --epochs=15 --lr_max=0.05 --eval_iter_freq=1000 --input_normalization=dataset",
-                            tmp_path, tiny_data)
+    flags = "--attack=none --epochs=15 --lr_max=0.05 --eval_iter_freq=1000 --input_normalization=dataset"
+    code, run_dir = run_cli(flags, tmp_path, tiny_data)
     assert code == 0
     last = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "final"][0]
     assert last["clean_acc"] >= 0.9
