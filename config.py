@@ -95,6 +95,8 @@ def build_parser(description=None):
     g("--final_attack_iters", type=int, default=50, help="final evaluation: PGD iterations (the original's 50)")
     g("--final_n_restarts", type=int, default=10, help="final evaluation: PGD restarts (the original's 10)")
     g("--eval_early_stopped_model", action="store_true", help="final evaluation of the kept models too")
+    g("--stop_on_warning", action="store_true", help="end the run (exit 1) at the first health warning (a "
+      "vanishing loss scale, zero regulariser or perturbation, a constant loss) instead of logging it")
     g("--batch_size_eval", type=int, default=256, help="evaluation batch per process (images)")
     g = p.add_argument_group("precision and speed").add_argument
     g("--half_prec", action="store_true", help="mixed precision (autocast; fp16 with dynamic loss scaling)")

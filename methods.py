@@ -92,7 +92,7 @@ def losses(model, x, y, radii, args, loss_scale, carried=None, net=None):
         gis = grad_sum(model, x, y, radii, args, grad, loss_scale)
     total = ce + reg + (args.grad_input_sum_coeff * gis if args.grad_input_sum_coeff > 0 else zero)
     stats = {"ce": ce.detach(), "loss": total.detach(), "reg": reg.detach(), "gis": gis.detach(),
-             "correct": (logits.argmax(1) == y).sum()}
+             "delta_abs": delta.abs().mean(), "correct": (logits.argmax(1) == y).sum()}
     return total, stats, delta
 
 

@@ -11,6 +11,7 @@ import statistics
 import sys
 
 import config
+import health
 import utils
 
 COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last", "pgd_acc", "PGD"),
@@ -24,6 +25,8 @@ def load_run(run_dir):
     if not finals:
         return None
     values = {(r["model"], k): r[k] for r in finals for k in ("clean_acc", "fgsm_acc", "pgd_acc") if k in r}
+    onset = health.co_onset(periodic_rows(run_dir))
+    values[("co", "epoch")] = None if onset is None else onset["epoch"]
     timing_path = os.path.join(run_dir, "timing.json")
     wall_s = json.load(open(timing_path))["wall_s"] if os.path.exists(timing_path) else None
     key = (args.dataset, args.model, config.method_name(args), args.eps, args.final_attack_iters,
@@ -54,6 +57,9 @@ def plot_curves(run_dirs, path, title):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1.3))
     for key, label, color, style in CURVES:
         top.plot(iters, [100 * v for v in mean(key)], style, color=color, label=label)
+    for k, onset in enumerate(health.co_onset(r) for r in runs):
+        if onset is not None:  # one dashed line per seed that overfitted catastrophically
+            top.axvline(onset["iteration"], color="gray", linestyle="--", label="CO" if k == 0 else None)
     top.set_ylabel("accuracy (%)")
     top.set_ylim(0, 100)
     top.legend(loc="upper left", fontsize=8)
@@ -104,20 +110,31 @@ def group_name(key):
     return f"{dataset}-{model}-{method}-eps{eps:g}"
 
 
+def co_cell(epochs):
+    """'11' for one seed; '11, -, 9 (2/3)' for several; '-' where no seed overfitted catastrophically."""
+    text = ", ".join("-" if e is None else f"{e:g}" for e in epochs)
+    n = sum(e is not None for e in epochs)
+    return text if len(epochs) == 1 else f"{text} ({n}/{len(epochs)})"
+
+
 def table(run_dirs):
     groups = {key: [run[1:] for run in runs] for key, runs in group_runs(run_dirs).items()}
-    header = ["dataset", "model", "method", "eps", "attack", "seeds"] + [c[2] for c in COLUMNS] + ["wall time (s)"]
+    header = (["dataset", "model", "method", "eps", "attack", "seeds"] + [c[2] for c in COLUMNS]
+              + ["CO at epoch", "wall time (s)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (dataset, model, method, eps, iters, restarts), runs in sorted(groups.items()):
         cells = [mean_std([v[(m, k)] for v, _ in runs if (m, k) in v]) for m, k, _ in COLUMNS]
         walls = [w for _, w in runs if w is not None]
         wall = f"{statistics.mean(walls):.0f}" if walls else "-"
         attack = f"PGD-{iters}-{restarts}"
-        lines.append("| " + " | ".join([dataset, model, method, f"{eps:g}", attack, str(len(runs))] + cells + [wall])
-                     + " |")
+        co = co_cell([v[("co", "epoch")] for v, _ in runs])
+        lines.append("| " + " | ".join([dataset, model, method, f"{eps:g}", attack, str(len(runs))] + cells
+                                       + [co, wall]) + " |")
     note = ("Accuracies in % on the final test points, mean ± std over seeds; PGD uses the attack column "
             "(step eps/4, the original protocol: the highest-loss restart's last iterate), FGSM has step eps; "
-            "ES = early-stopped model (best PGD accuracy on training points).")
+            "ES = early-stopped model (best PGD accuracy on training points); CO at epoch = the first periodic "
+            "evaluation with test PGD accuracy below 1/3 of its best so far and FGSM accuracy more than 30 points "
+            "above it, per seed, with the number of seeds that overfitted.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

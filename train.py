@@ -17,6 +17,7 @@ import torch
 import config
 import data
 import evaluation
+import health
 import methods
 import schedules
 import utils
@@ -24,7 +25,7 @@ from config import UsageError
 from models import set_float32_batchnorm
 
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
-METER_KEYS = ("loss", "reg", "gis", "correct")
+METER_KEYS = ("loss", "reg", "gis", "delta_abs", "correct")
 
 
 # ---------------------------------------------------------------- loop
@@ -36,6 +37,10 @@ def cpu_copy(model):
 def process_share(indices):
     """This process's share of the points: every world_size-th one, from its rank."""
     return indices[utils.rank()::utils.world_size()]
+
+
+class TrainingUnhealthy(Exception):
+    """--stop_on_warning: a health warning ends the run."""
 
 
 class Trainer:
@@ -145,7 +150,7 @@ class Trainer:
 
     def record_step(self, stats, n):
         m = self.meters
-        for key in ("loss", "reg", "gis"):
+        for key in ("loss", "reg", "gis", "delta_abs"):
             m[key] += stats[key] * n
         m["correct"] += stats["correct"]
         m["count"] += n
@@ -166,20 +171,32 @@ class Trainer:
 
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
-        loss, reg, gis, correct, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
+        loss, reg, gis, delta_abs, correct, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
                "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
-               "train_gis": gis / count, "train_acc": correct / count}
+               "train_gis": gis / count, "train_delta_abs": delta_abs / count, "train_acc": correct / count}
         row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
         self.reset_meters()
+        previous = next((r for r in reversed(self.metrics) if r["kind"] == "periodic"), None)
+        row["warnings"] = health.period_warnings(row, previous, self.args)
         self.metrics.append(row)
         for name, key in (("early_stopped", "train_pgd_acc"), ("best_test", "test_pgd_acc")):
             if row[key] > self.kept[name]["acc"]:  # strict, from 0 with the initial weights, as the original
                 self.kept[name] = {"state": cpu_copy(self.model), "iteration": self.iteration, "acc": row[key]}
+        co_seen = any(r.get("catastrophic_overfitting") for r in self.metrics)
+        row["catastrophic_overfitting"] = not co_seen and health.co_onset(self.metrics) is row
         self.write_metrics()
         self.log.info(format_row(row))
+        if row["catastrophic_overfitting"]:
+            self.log.info(f"catastrophic overfitting at iteration {row['iteration']} (epoch {row['epoch']:g}): test "
+                          f"PGD {100 * row['test_pgd_acc']:.1f}%, FGSM {100 * row['test_fgsm_acc']:.1f}%")
+        for line in row["warnings"]:
+            self.log.warning(f"warning: {line}")
+        if row["warnings"] and self.args.stop_on_warning:
+            raise TrainingUnhealthy(f"stopped by --stop_on_warning at iteration {row['iteration']}: "
+                                    f"{row['warnings'][0]}")
 
     def write_metrics(self):
         if utils.rank() == 0:
@@ -401,7 +418,7 @@ def main(argv=None):
         if utils.is_distributed():
             gc.collect()  # free DDP's pending gloo work now, not during interpreter shutdown (an abort)
             torch.distributed.barrier()  # no process tears the group down while another still uses it
-    except FloatingPointError as err:
+    except (FloatingPointError, TrainingUnhealthy) as err:
         log.error(f"error: {err}")
         return 1
     except utils.WriteError as err:

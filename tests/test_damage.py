@@ -7,11 +7,11 @@ import shlex
 
 import pytest
 import torch
+from test_train import TINY_RUN
 
 import data
 import train
 import utils
-from test_train import TINY_RUN
 
 
 def run(tmp_path, data_dir, extra=""):

@@ -5,15 +5,18 @@ import os
 import report
 
 
-def make_run(root, name, method_flags, seed, finals, wall_s=100.0, periodic=3):
+def make_run(root, name, method_flags, seed, finals, wall_s=100.0, periodic=3, pgd=None, fgsm=None):
     run = root / name
     run.mkdir()
     args = {"dataset": "cifar10", "model": "cnn", "eps": 8, "attack": "fgsm", "attack_init": "zero",
             "pgd_train_n_iters": 10, "minibatch_replay": 1, "discrete_eps": False, "grad_input_sum_coeff": 0.0,
             "grad_align_cos_lambda": 0.0, "attack_iters": 50, "n_restarts": 10, "seed": seed, **method_flags}
     (run / "args.json").write_text(json.dumps(args))
-    rows = [{"kind": "periodic", "iteration": 10 * (i + 1), "lr": 0.1, "train_eps": 8, "test_clean_acc": 0.5,
-             "test_fgsm_acc": 0.4, "test_pgd_acc": 0.3 - 0.1 * i, "train_pgd_acc": 0.3} for i in range(periodic)]
+    pgd = pgd or [0.3 - 0.1 * i for i in range(periodic)]
+    fgsm = fgsm or [0.4] * len(pgd)
+    rows = [{"kind": "periodic", "iteration": 10 * (i + 1), "epoch": i + 1, "lr": 0.1, "train_eps": 8,
+             "test_clean_acc": 0.5, "test_fgsm_acc": f, "test_pgd_acc": p, "train_pgd_acc": 0.3}
+            for i, (p, f) in enumerate(zip(pgd, fgsm, strict=True))]
     rows += [{"kind": "final", "model": m, "clean_acc": c, "fgsm_acc": f, "pgd_acc": p}
              for m, (c, f, p) in finals.items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -36,10 +39,10 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     (tmp_path / "unfinished" / "metrics.jsonl").write_text("")
     text = report.table(runs[:4])
     fgsm = cells(text, "fgsm")
-    # dataset, model, method, eps, attack, seeds, clean, FGSM, PGD, ES clean, ES PGD, wall
+    # dataset, model, method, eps, attack, seeds, clean, FGSM, PGD, ES clean, ES PGD, CO at epoch, wall
     assert fgsm[3:6] == ["8", "PGD-50-10", "3"]
     assert fgsm[6] == "80.00 ± 0.00" and fgsm[8] == "44.00 ± 4.00"  # std of 40, 44, 48 (n - 1) is 4
-    assert fgsm[9] == "70.00 ± 0.00" and fgsm[11] == "200"
+    assert fgsm[9] == "70.00 ± 0.00" and fgsm[12] == "200"
     vfsat = cells(text, "fgsm-vfsat")
     assert vfsat[5] == "1" and vfsat[8] == "45.00" and vfsat[9] == "-"
 
@@ -65,3 +68,14 @@ def test_a_folder_of_runs_is_searched_for_run_directories(tmp_path, capsys):
     make_run(tmp_path / "table", "b", {}, 1, {"last": (0.8, 0.6, 0.44)})
     assert report.main([str(tmp_path)]) == 0
     assert cells(capsys.readouterr().out, "fgsm")[5] == "2"
+
+
+def test_catastrophic_overfitting_column_counts_seeds_and_names_the_epoch(tmp_path):
+    """PGD 20, 25, 20, 5 with FGSM 30, 30, 40, 90: at epoch 4 PGD < 25/3 and FGSM - PGD = 85 points."""
+    collapse = dict(pgd=[0.20, 0.25, 0.20, 0.05], fgsm=[0.30, 0.30, 0.40, 0.90])
+    runs = [make_run(tmp_path, "a", {}, 0, {"last": (0.5, 1.0, 0.0)}, **collapse),
+            make_run(tmp_path, "b", {}, 1, {"last": (0.5, 0.3, 0.2)}, pgd=[0.2, 0.21, 0.22, 0.2]),
+            make_run(tmp_path, "c", {"discrete_eps": True}, 0, {"last": (0.5, 0.3, 0.2)}, pgd=[0.2, 0.21])]
+    text = report.table(runs)
+    assert cells(text, "fgsm")[11] == "4, - (1/2)" and cells(text, "fgsm-vfsat")[11] == "-"
+    assert report.main([*runs, "--plots", str(tmp_path / "plots")]) == 0
