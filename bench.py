@@ -169,8 +169,7 @@ def build_parser():
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
     p.add_argument("--batch_size_eval", type=int, default=256)
-    p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval (after "
-                   "methods), data")
+    p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval, data")
     return p
 
 
@@ -200,7 +199,7 @@ def print_eval(model, x, y, eps, times, opts, base, device):
     eval_s = time.perf_counter() - start
     print(f"\none periodic evaluation (clean, FGSM, PGD-50-10 and gradient cosines on {n} test points, PGD-50-10 "
           f"on {n} training points): {eval_s:.1f} s; its share of wall time when it runs every "
-          f"{README_EVAL['eval_iter_freq']} iterations:")
+          f"{README_EVAL['eval_iter_freq']} iterations:" if times else "")
     for name, t in times.items():
         print(f"  {name:>24}: {100 * eval_s / (eval_s + README_EVAL['eval_iter_freq'] * t):.1f}%")
 
@@ -221,13 +220,13 @@ def main(argv=None):
               "|---|---|---|---|---|---|")
         for row in bench_data_pipeline(device, opts.batch_size, opts.n_iters):
             print("| {} | {} | {} | {:.0f} | {:.1f} | {:.2f}% |".format(*row[:5], 100 * row[4] / row[3]))
-    if "methods" not in sections:
-        return
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    times = bench_methods(model, x[:opts.batch_size], y[:opts.batch_size], eps, base, device, opts.n_iters,
-                          opts.rounds)
-    model.load_state_dict(state)  # the evaluation sees the given weights, not the benchmark's updates
-    print_methods(times)
+    times = {}
+    if "methods" in sections:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        times = bench_methods(model, x[:opts.batch_size], y[:opts.batch_size], eps, base, device, opts.n_iters,
+                              opts.rounds)
+        model.load_state_dict(state)  # the evaluation sees the given weights, not the benchmark's updates
+        print_methods(times)
     if "eval" in sections:
         print_eval(model, x, y, eps, times, opts, base, device)
 

@@ -11,6 +11,7 @@ import shutil
 import struct
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,9 +238,15 @@ def _load_cifar100(root):
 
 def _load_svhn(root):
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     def split(name):
-        mat = loadmat(os.path.join(root, f"{name}_32x32.mat"))
+        path = os.path.join(root, f"{name}_32x32.mat")
+        try:
+            mat = loadmat(path)
+        except (MatReadError, ValueError, TypeError, EOFError, IndexError) as err:  # truncated or not .mat
+            raise DataError(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}): delete it, "
+                            "or remove the dataset's folder so it is downloaded again") from None
         x = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
         y = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64) % 10)  # SVHN labels digit 0 as 10
         return x, y
@@ -313,7 +320,14 @@ def interleave_classes(ds):
 
 def safe_extract(archive, target):
     """Extract a zip or tar archive into target, refusing any member that would land outside it."""
-    target = os.path.realpath(target)
+    try:
+        _extract(archive, os.path.realpath(target))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:  # a truncated download
+        raise DataError(f"{archive} is a damaged archive ({type(err).__name__}: {err}): delete it so that it is "
+                        "downloaded again") from None
+
+
+def _extract(archive, target):
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             _check_members(archive, target, zf.namelist())

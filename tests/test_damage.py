@@ -125,3 +125,16 @@ def test_report_and_eval_say_in_one_line_when_their_output_cannot_be_written(tmp
     captured = capsys.readouterr()
     assert len(captured.err.strip().splitlines()) == 1 and "No space left" in captured.err
     assert "| last |" in captured.out and not [f for f in os.listdir(run_dir) if f.startswith("eval-")]
+
+
+def test_a_damaged_svhn_file_or_archive_is_named_in_one_line(tmp_path):
+    root = tmp_path / "svhn"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / f"{split}_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file, half of it")
+    with pytest.raises(data.DataError, match="train_32x32.mat is damaged"):
+        data.load_data("svhn", str(root))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(gzip.compress(b"x" * 5000)[:100])
+    with pytest.raises(data.DataError, match="damaged archive"):
+        data.safe_extract(str(archive), str(tmp_path / "out"))
