@@ -15,9 +15,10 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
         def __reduce__(self):
             raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(utils.WriteError, match="disk full"):
         utils.atomic_torch_save({"a": Unpicklable()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
 def test_jsonl_round_trip(tmp_path):
