@@ -1,14 +1,17 @@
 """Benchmark: what each training method and the evaluation cost, measured side by side in one run.
 
 Prints (1) the time of one training iteration of each method as a ratio to a plain (no attack) iteration, on the
-same model, batch, data, precision and memory format, methods interleaved round by round; (2) the throughput of
-the final PGD-50-10 evaluation (the original protocol), images/s, with and without skipping the examples whose kept
-loss already exceeds ln(K), with both accuracies; (3) the share of wall time that periodic evaluation takes with
-the README flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (4) the data pipeline.
+same model, batch, data, precision and memory format, methods interleaved round by round (the regularisers also
+with autograd's BatchNorm double backward, and under --half_prec with BatchNorm in fp32); (2) the
+throughput of the final PGD-50-10 evaluation (the original protocol), images/s, with and without skipping the
+examples whose kept loss already exceeds ln(K), with both accuracies; (3) the share of wall time that periodic
+evaluation takes with the README flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (4) the
+data pipeline.
 
     python bench.py                                   # CPU: PreActResNet-18, batch 32, random weights
-    python bench.py --checkpoint runs/X               # a trained run's model on its test images
+    python bench.py --run runs/X                      # a trained run's model on its test images
     python bench.py --device cuda --batch_size 256 --half_prec --channels_last
+    python bench.py --device cuda --batch_size 256 --profile FGSM+GradSum   # where one iteration's time goes
 
 Random weights make evaluation look cheap (most examples are lost at once); pass a trained run for evaluation
 figures that mean something.
@@ -25,18 +28,24 @@ import data
 import evaluation
 import methods
 import utils
-from models import build_model, set_float32_batchnorm
+from models import build_model
 
 METHODS = {  # name: train.py flags on top of --attack=fgsm --attack_init=zero --fgsm_alpha=1.0
     "none": "--attack=none",
     "FGSM": "",
     "FGSM+VFSAT": "--discrete_eps",
     "FGSM+GradSum": "--grad_input_sum_coeff=10",
+    "FGSM+GradSum, autograd's BN double backward": "--grad_input_sum_coeff=10 --bn_double_backward=autograd",
     "FGSM+GradAlign": "--grad_align_cos_lambda=0.2",
+    "FGSM+GradAlign, autograd's BN double backward": "--grad_align_cos_lambda=0.2 --bn_double_backward=autograd",
     "FGSM-RS+GradSum (fixed)": "--attack_init=random --grad_input_sum_coeff=10 --fix_gradsum",
     "FGSM-RS+GradAlign": "--attack_init=random --grad_align_cos_lambda=0.2",
     "PGD-2": "--attack=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4",
     "PGD-10": "--attack=pgd --pgd_train_n_iters=10 --pgd_alpha_train=2",
+}
+HALF_PREC_METHODS = {  # added under --half_prec
+    "FGSM+GradSum, fp32 BN": "--grad_input_sum_coeff=10 --bn_float32",
+    "FGSM+GradAlign, fp32 BN": "--grad_align_cos_lambda=0.2 --bn_float32",
 }
 README_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "attack_iters": 50, "n_restarts": 10}
 
@@ -60,7 +69,7 @@ def radii(eps):
 def time_iterations(model, setup, x, y, eps, n_iters):
     """Seconds per training iteration, over n_iters iterations."""
     opt, scaler, autocast, args = setup
-    set_float32_batchnorm(model, args.half_prec and config.uses_double_backprop(args))
+    config.configure_batchnorm_for(model, args)
     sync(x.device)
     start = time.perf_counter()
     for _ in range(n_iters):
@@ -69,20 +78,36 @@ def time_iterations(model, setup, x, y, eps, n_iters):
     return (time.perf_counter() - start) / n_iters
 
 
-def bench_methods(model, x, y, eps, base_flags, device, n_iters, rounds):
-    """Median seconds per iteration of each method; one warm-up iteration each, then interleaved rounds."""
+def bench_methods(model, x, y, eps, base_flags, device, n_iters, rounds, presets):
+    """Median seconds per iteration of each preset; one warm-up iteration each, then interleaved rounds."""
     setups = {}
-    for name, flags in METHODS.items():
-        args = method_args(flags, base_flags, device)
-        fp16 = args.half_prec and args.amp_dtype == "float16"
-        setups[name] = (methods.build_optimizer(model, args), torch.amp.GradScaler(device.type, enabled=fp16),
-                        methods.autocast_context(args), args)
+    for name, flags in presets.items():
+        setups[name] = training_setup(model, method_args(flags, base_flags, device))
         time_iterations(model, setups[name], x, y, eps, 1)
-    times = {name: [] for name in METHODS}
+    times = {name: [] for name in presets}
     for _ in range(rounds):
         for name, setup in setups.items():
             times[name].append(time_iterations(model, setup, x, y, eps, n_iters))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def training_setup(model, args):
+    """(optimiser, loss scaler, autocast context, args), as train.py builds them."""
+    fp16 = args.half_prec and args.amp_dtype == "float16"
+    return (methods.build_optimizer(model, args), torch.amp.GradScaler(args.device.type, enabled=fp16),
+            methods.autocast_context(args), args)
+
+
+def profile_method(model, x, y, eps, args, n_rows=25):
+    """torch.profiler's table of the operators and kernels of one training iteration, after two warm-up ones."""
+    setup = training_setup(model, args)
+    time_iterations(model, setup, x, y, eps, 2)
+    cuda = x.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
+    with torch.profiler.profile(activities=activities) as prof:
+        time_iterations(model, setup, x, y, eps, 1)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=n_rows)
 
 
 def bench_eval(model, x, y, eps, batch_size, skip_lost):
@@ -115,9 +140,7 @@ def bench_data_pipeline(device, batch_size, n_iters):
         sync(device)
         pipeline = n // batch_size * batch_size / (time.perf_counter() - start)
         model = build_model(model_name, n_classes, 3, size).to(device)
-        args = method_args("", f"--model={model_name} --eps=8", device)
-        setup = (methods.build_optimizer(model, args), torch.amp.GradScaler(device.type, enabled=False),
-                 methods.autocast_context(args), args)
+        setup = training_setup(model, method_args("", f"--model={model_name} --eps=8", device))
         xb, yb = x_u8[:batch_size].float() / 255, y[:batch_size]
         time_iterations(model, setup, xb, yb, 8 / 255, 1)  # warm-up
         step = batch_size / time_iterations(model, setup, xb, yb, 8 / 255, n_iters)
@@ -170,6 +193,8 @@ def build_parser():
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
     p.add_argument("--batch_size_eval", type=int, default=256)
     p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval, data")
+    p.add_argument("--profile", metavar="METHOD", help="instead: torch.profiler's table of one iteration of this "
+                   f"method (one of: {', '.join(METHODS)})")
     return p
 
 
@@ -215,6 +240,13 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} ({device}), torch {torch.__version__}, {base}{' --channels_last' * opts.channels_last}, "
           f"batch {opts.batch_size}, {opts.rounds} rounds of {opts.n_iters} iterations")
+    presets = {**METHODS, **(HALF_PREC_METHODS if opts.half_prec else {})}
+    if opts.profile:
+        if opts.profile not in presets:
+            raise SystemExit(f"bench.py: error: --profile={opts.profile!r}: choose one of {', '.join(presets)}")
+        args = method_args(presets[opts.profile], base, device)
+        print(profile_method(model, x[:opts.batch_size], y[:opts.batch_size], eps, args))
+        return
     if "data" in sections:
         print("\n| data | model | image px | pipeline images / s | FGSM training images / s | pipeline share |\n"
               "|---|---|---|---|---|---|")
@@ -224,7 +256,7 @@ def main(argv=None):
     if "methods" in sections:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         times = bench_methods(model, x[:opts.batch_size], y[:opts.batch_size], eps, base, device, opts.n_iters,
-                              opts.rounds)
+                              opts.rounds, presets)
         model.load_state_dict(state)  # the evaluation sees the given weights, not the benchmark's updates
         print_methods(times)
     if "eval" in sections:

@@ -13,12 +13,13 @@ import torch
 
 import data
 import schedules
-from models import INPUT_NORMALIZATIONS, MODELS, build_model
+from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnorm
 
 CHECKPOINT = "checkpoint.pt"
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 ATTACKS = ("fgsm", "pgd", "pgd_corner", "none")
 AMP_DTYPES = ("float16", "bfloat16")
+BN_DOUBLE_BACKWARDS = ("closed_form", "autograd")
 
 
 class UsageError(Exception):
@@ -102,6 +103,11 @@ def build_parser(description=None):
     g("--half_prec", action="store_true", help="mixed precision (autocast; fp16 with dynamic loss scaling)")
     g("--amp_dtype", default="float16", help=f"with --half_prec: one of {', '.join(AMP_DTYPES)} (bfloat16 needs "
       "no loss scaling)")
+    g("--bn_double_backward", default="closed_form", help="BatchNorm's double backward (GradSum, GradAlign): "
+      "closed_form (the same gradients in fewer passes over the activations) or autograd (PyTorch's generic one)")
+    g("--bn_float32", action="store_true", help="with --half_prec and GradSum/GradAlign: BatchNorm in fp32, as the "
+      "original's apex registration (the same values up to rounding: its output is rounded to the half dtype at the "
+      "next convolution either way); always so with --bn_double_backward=autograd, whose fp16 form overflows")
     g("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
     g("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign)")
     g("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics")
@@ -126,6 +132,7 @@ def check_args(args, n_procs=1):
 
     choices = (("dataset", data.DATASETS), ("model", MODELS), ("lr_schedule", schedules.LR_SCHEDULES),
                ("attack", ATTACKS), ("attack_init", ("zero", "random")), ("amp_dtype", AMP_DTYPES),
+               ("bn_double_backward", BN_DOUBLE_BACKWARDS),
                ("input_normalization", INPUT_NORMALIZATIONS))
     for flag, allowed in choices:
         need(getattr(args, flag) in allowed, flag, f"choose one of {', '.join(allowed)}")
@@ -215,7 +222,20 @@ def load_checkpoint(path, flag="--resume"):
 
 
 def model_from_args(args, dataset):
-    """The run's network for this dataset, freshly initialised as the original does."""
+    """The run's network for this dataset, freshly initialised as the original does, its BatchNorm set up for
+    the run's double backprop."""
     mean_std = dataset.mean_std() if args.input_normalization == "dataset" else None
-    return build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
-                       args.n_layers, args.n_filters_cnn)
+    model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
+                        args.n_layers, args.n_filters_cnn)
+    configure_batchnorm_for(model, args)
+    return model
+
+
+def configure_batchnorm_for(model, args):
+    """BatchNorm for the run's regularisers: with double backprop, the closed-form double backward (its sums in
+    fp32 at least) unless --bn_double_backward=autograd; fp32 under autocast with --bn_float32 or with autograd's
+    double backward (which overflows fp16 at the loss scale)."""
+    double = uses_double_backprop(args)
+    closed_form = args.bn_double_backward == "closed_form"
+    float32 = double and args.half_prec and (args.bn_float32 or not closed_form)
+    configure_batchnorm(model, float32_under_autocast=float32, closed_form_double_backward=double and closed_form)

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 MODELS = ("resnet18", "resnet34", "cnn")
@@ -28,17 +29,104 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def _per_channel(t, like):
+    """A (C,) tensor shaped to broadcast over `like` (N, C, ...)."""
+    return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode batch norm (running statistics updated in place) whose backward is _BatchNormBackward, so a
+    double backprop goes through that function's closed form instead of autograd's generic one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, True,
+                                                          momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _BatchNormBackward.apply(grad_y, x, weight, mean, invstd, ctx.eps)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """(grad_x, grad_weight, grad_bias) of training-mode batch norm; its own backward is the closed form below."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, mean, invstd, eps):
+        grads = torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True, eps,
+                                                          [True, True, True])
+        ctx.save_for_backward(grad_y, x, weight, mean, invstd, grads[1], grads[2])
+        ctx.set_materialize_grads(False)
+        return grads
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_x, gg_w, gg_b):
+        grad_y, x, weight, mean, invstd, grad_w, grad_b = ctx.saved_tensors
+        if gg_x is None:
+            gg_x = torch.zeros_like(x)
+        return (*batchnorm_double_backward(gg_x, gg_w, gg_b, grad_y, x, weight, mean, invstd, grad_w, grad_b),
+                None, None, None)
+
+
+def batchnorm_double_backward(a, a_w, a_b, gy, x, w, mean, invstd, gw, gb):
+    """Gradients with respect to (grad_y, x, weight) of L = <a, grad_x> + <a_w, grad_w> + <a_b, grad_b>, where
+    (grad_x, grad_w, grad_b) is training-mode batch norm's backward of grad_y at x, in closed form.
+
+    With h = (x - mean) * invstd, r = invstd, M points per channel and sums over each channel's points:
+      grad_b = sum gy,  grad_w = sum gy h,  grad_x = w r (gy - grad_b / M - h grad_w / M).
+    Computed in fp32 at least (in fp16 the sums overflow at a loss scale)."""
+    dtype, w_dtype, dims = x.dtype, w.dtype, [0, *range(2, x.dim())]
+    acc = torch.promote_types(dtype, torch.float32)
+    a, gy, x, w = a.to(acc), gy.to(acc), x.to(acc), w.to(acc)
+    m = x.numel() / x.shape[1]
+    ch = lambda t: _per_channel(t, x)  # noqa: E731
+    r, wr = invstd.to(acc), w * invstd
+    a_w = torch.zeros_like(r) if a_w is None else a_w.to(acc)
+    a_b = torch.zeros_like(r) if a_b is None else a_b.to(acc)
+    h = (x - ch(mean)) * ch(r)
+    sum_a, sum_ah, sum_agy = a.sum(dims), (a * h).sum(dims), (a * gy).sum(dims)
+    # grad_y enters grad_x (through gy, grad_b and grad_w), grad_w and grad_b linearly
+    g_gy = ch(wr) * (a - ch(sum_a / m) - h * ch(sum_ah / m)) + h * ch(a_w) + ch(a_b)
+    g_w = r * (sum_agy - sum_a * gb / m - sum_ah * gw / m)
+    # x enters through h and r (dr/dx = -r^2 h / M); gradient of L as a*a_coef + gy*gy_coef + h*h_coef + const
+    c1 = sum_agy - sum_a * gb / m
+    wr2 = wr * r
+    a_coef = -wr2 * gw / m
+    gy_coef = -wr2 * sum_ah / m + a_w * r
+    h_coef = -wr2 * c1 / m + 3 * wr2 * sum_ah * gw / m**2 - a_w * r * gw / m
+    const = wr2 * (gw * sum_a + sum_ah * gb) / m**2 - a_w * r * gb / m
+    g_x = a * ch(a_coef) + gy * ch(gy_coef) + h * ch(h_coef) + ch(const)
+    return g_gy.to(dtype), g_x.to(dtype), g_w.to(w_dtype)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that can run in fp32 under autocast: its double backward (GradSum, GradAlign) overflows fp16,
-    which the original avoided with apex's register_float_function(torch, 'batch_norm')."""
+    """nn.BatchNorm2d with two switches for double backprop (GradSum, GradAlign):
+    - float32_under_autocast: run in fp32 under autocast, since the double backward overflows fp16 (the original
+      registered batch_norm as fp32 with apex for the same reason);
+    - closed_form_double_backward: in training mode, a double backward in closed form (fewer, fused passes over
+      the activations than autograd's generic one; the same gradients)."""
 
     float32_under_autocast = False
+    closed_form_double_backward = False
 
     def forward(self, x):
         if self.float32_under_autocast and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x):
+        if not (self.training and self.closed_form_double_backward):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        return _BatchNormTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
+                                     self.eps)
 
 
 class PreActBlock(nn.Module):
@@ -68,12 +156,12 @@ def stage_output_size(image_size, n_downsamplings=3):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, blocks_per_stage, n_classes, in_channels, image_size, normalize=None):
+    def __init__(self, blocks_per_stage, n_classes, in_channels, image_size, normalize=None, widths=STAGE_WIDTHS):
         super().__init__()
         self.normalize = normalize or nn.Identity()
-        self.conv1 = nn.Conv2d(in_channels, STAGE_WIDTHS[0], 3, 1, 1, bias=False)
-        in_planes = STAGE_WIDTHS[0]
-        for i, (planes, n_blocks) in enumerate(zip(STAGE_WIDTHS, blocks_per_stage, strict=True)):
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        in_planes = widths[0]
+        for i, (planes, n_blocks) in enumerate(zip(widths, blocks_per_stage, strict=True)):
             strides = [1 if i == 0 else 2] + [1] * (n_blocks - 1)
             setattr(self, f"layer{i + 1}", nn.Sequential(*[PreActBlock(in_planes if j == 0 else planes, planes, s)
                                                            for j, s in enumerate(strides)]))
@@ -131,8 +219,9 @@ def build_model(name, n_classes, in_channels, image_size, mean_std=None, n_layer
     return model
 
 
-def set_float32_batchnorm(model, enabled):
-    """Run every BatchNorm of the model in fp32 under autocast (for double backprop), or not."""
+def configure_batchnorm(model, float32_under_autocast=False, closed_form_double_backward=False):
+    """Set the two double-backprop switches of every BatchNorm of the model (see BatchNorm2d)."""
     for m in model.modules():
         if isinstance(m, BatchNorm2d):
-            m.float32_under_autocast = enabled
+            m.float32_under_autocast = float32_under_autocast
+            m.closed_form_double_backward = closed_form_double_backward

@@ -22,7 +22,6 @@ import methods
 import schedules
 import utils
 from config import UsageError
-from models import set_float32_batchnorm
 
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
 METER_KEYS = ("loss", "reg", "gis", "delta_abs", "correct")
@@ -85,8 +84,6 @@ class Trainer:
     def build_model(self, dataset):
         a = self.args
         model = config.model_from_args(a, dataset)
-        # apex registered batch_norm as fp32 for double backprop; fp16 BatchNorm double backward overflows
-        set_float32_batchnorm(model, a.half_prec and config.uses_double_backprop(a))
         if a.load_model:
             model.load_state_dict(config.load_checkpoint(a.load_model, "--load_model")["model"])
         return model
