@@ -30,22 +30,22 @@ import methods
 import utils
 from models import build_model
 
-METHODS = {  # name: train.py flags on top of --attack=fgsm --attack_init=zero --fgsm_alpha=1.0
-    "none": "--attack=none",
-    "FGSM": "",
-    "FGSM+VFSAT": "--discrete_eps",
-    "FGSM+GradSum": "--grad_input_sum_coeff=10",
-    "FGSM+GradSum, autograd's BN double backward": "--grad_input_sum_coeff=10 --bn_double_backward=autograd",
-    "FGSM+GradAlign": "--grad_align_cos_lambda=0.2",
-    "FGSM+GradAlign, autograd's BN double backward": "--grad_align_cos_lambda=0.2 --bn_double_backward=autograd",
-    "FGSM-RS+GradSum (fixed)": "--attack_init=random --grad_input_sum_coeff=10 --fix_gradsum",
-    "FGSM-RS+GradAlign": "--attack_init=random --grad_align_cos_lambda=0.2",
-    "PGD-2": "--attack=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4",
-    "PGD-10": "--attack=pgd --pgd_train_n_iters=10 --pgd_alpha_train=2",
+METHODS = {  # name: train.py flags (presets from methods.PRESETS, see the README's Presets)
+    "none": "--preset=standard",
+    "FGSM": "--preset=fgsm",
+    "FGSM+VFSAT": "--preset=vfsat",
+    "FGSM+GradSum": "--preset=gradsum",
+    "FGSM+GradSum, autograd's BN double backward": "--preset=gradsum --bn_double_backward=autograd",
+    "FGSM+GradAlign": "--preset=gradalign",
+    "FGSM+GradAlign, autograd's BN double backward": "--preset=gradalign --bn_double_backward=autograd",
+    "FGSM-RS+GradSum (fixed)": "--preset=gradsum --attack_init=random --fix_gradsum",
+    "FGSM-RS+GradAlign": "--preset=gradalign --attack_init=random",
+    "PGD-2": "--preset=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4",
+    "PGD-10": "--preset=pgd",
 }
 HALF_PREC_METHODS = {  # added under --half_prec
-    "FGSM+GradSum, fp32 BN": "--grad_input_sum_coeff=10 --bn_float32",
-    "FGSM+GradAlign, fp32 BN": "--grad_align_cos_lambda=0.2 --bn_float32",
+    "FGSM+GradSum, fp32 BN": "--preset=gradsum --bn_float32",
+    "FGSM+GradAlign, fp32 BN": "--preset=gradalign --bn_float32",
 }
 README_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "attack_iters": 50, "n_restarts": 10}
 
@@ -56,8 +56,7 @@ def sync(device):
 
 
 def method_args(flags, base, device):
-    args = config.build_parser().parse_args(shlex.split(f"{base} --attack=fgsm --attack_init=zero "
-                                                        f"--fgsm_alpha=1.0 {flags}"))
+    args = config.build_parser().parse_args(shlex.split(f"{base} --preset=fgsm {flags}"))
     args.device = device
     return args
 

@@ -8,10 +8,13 @@ import argparse
 import json
 import os
 import re
+import shlex
+import sys
 
 import torch
 
 import data
+import methods
 import schedules
 from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnorm
 
@@ -31,9 +34,30 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class TrainParser(OneLineParser):
+    """train.py's parser: `--preset NAME` stands for the preset's flags at its place, so flags after it override
+    them and flags before it are overridden."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(expand_presets(sys.argv[1:] if args is None else list(args)), namespace)
+
+
+def expand_presets(argv):
+    out, tokens = [], iter(argv)
+    for tok in tokens:
+        if tok == "--preset" or tok.startswith("--preset="):
+            name = tok.partition("=")[2] if "=" in tok else next(tokens, "")
+            if name not in methods.PRESETS:
+                raise UsageError(f"--preset={name!r}: choose one of {', '.join(methods.PRESETS)}")
+            out += [f"--preset={name}", *shlex.split(methods.PRESETS[name])]
+        else:
+            out.append(tok)
+    return out
+
+
 def build_parser(description=None):
-    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      allow_abbrev=False)
+    p = TrainParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    allow_abbrev=False)
     g = p.add_argument_group("data").add_argument
     g("--dataset", default="cifar10", help=f"one of {', '.join(data.DATASETS)}")
     g("--data_dir", default="data", help="the dataset's folder (downloaded there when missing); cifar10 also "
@@ -48,6 +72,8 @@ def build_parser(description=None):
     g("--load_model", default=None, metavar="RUN_DIR", help="start from the last weights of a finished run "
       "instead of the initialisation (the schedules start afresh)")
     g = p.add_argument_group("training").add_argument
+    g("--preset", default=None, metavar="NAME", help=f"a method's flags by name (one of {', '.join(methods.PRESETS)}; "
+      "README: Presets); flags after it override them")
     g("--epochs", "--epoch", dest="epochs", type=int, default=30, help="training epochs (after the original's "
       "step-less epoch 0)")
     g("--batch_size", type=int, default=128, help="global training batch (images), split over processes")
@@ -70,8 +96,8 @@ def build_parser(description=None):
       "is used this many consecutive iterations and the perturbation is carried over")
     g("--discrete_eps", action="store_true", help="VFSAT: the training eps cycles over a discrete ramp by epoch")
     g = p.add_argument_group("regularisers").add_argument
-    g("--grad_input_sum_coeff", type=float, default=0.0, help="GradSum coefficient (0: off)")
-    g("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign coefficient (0: off)")
+    for r in methods.REGULARISERS:
+        g(f"--{r.flag}", type=float, default=0.0, help=f"{r.name} coefficient (0: off)")
     g("--print_g_i_s", action="store_true", help="compute and log the GradSum norm even when its coefficient is 0")
     g = p.add_argument_group("corrections of the original (each off by default)").add_argument
     g("--fix_vfsat_list", action="store_true", help="VFSAT ramps to --eps for every eps (the original's list "
@@ -121,7 +147,7 @@ def build_parser(description=None):
 
 
 def uses_double_backprop(args):
-    return bool(args.grad_input_sum_coeff or args.grad_align_cos_lambda or args.print_g_i_s)
+    return any(r.double_backprop and r.computed(args) for r in methods.REGULARISERS)
 
 
 def check_args(args, n_procs=1):
@@ -142,7 +168,7 @@ def check_args(args, n_procs=1):
         need(getattr(args, flag) >= 1, flag, "must be a positive integer")
     for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps"):
         need(getattr(args, flag) > 0, flag, "must be positive")
-    for flag in ("grad_input_sum_coeff", "grad_align_cos_lambda", "start_eval_epoch", "weight_decay"):
+    for flag in ("start_eval_epoch", "weight_decay", *(r.flag for r in methods.REGULARISERS)):
         need(getattr(args, flag) >= 0, flag, "must be zero or positive")
     need(args.eps <= 255, "eps", "is in pixels/255: at most 255")
     need(args.n_train == -1 or args.n_train >= args.batch_size, "n_train",
@@ -173,8 +199,7 @@ def method_name(args):
         parts[0] = f"free{args.minibatch_replay}"
     if args.attack_init == "random" and args.attack != "none":
         parts.append("rs")
-    flags = (("mast", "mast"), ("discrete_eps", "vfsat"), ("grad_input_sum_coeff", "gradsum"),
-             ("grad_align_cos_lambda", "gradalign"))
+    flags = (("mast", "mast"), ("discrete_eps", "vfsat"), *((r.flag, r.tag) for r in methods.REGULARISERS))
     for flag, name in flags:
         value = getattr(args, flag)
         if value:

@@ -12,7 +12,8 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,40 +24,9 @@ from utils import atomic_torch_save
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BINARY_CLASSES = ("deer", "ship")  # the paper's binary analysis data: two CIFAR-10 classes
-DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "cifar10_binary", "cifar10_binary_gs", "tiny_imagenet",
-            "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CACHE_VERSION = "2"  # bump when what a cache holds for the same files changes
 STAT_CHUNK = 4096  # images per chunk when computing channel statistics (bounds the float copy)
-
-# (file name, URL, md5 or None) of what each dataset downloads into --data_dir
-DOWNLOADS = {
-    "cifar10": [("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                 "c58f30108f718f92721af3b95e74349a")],
-    "cifar100": [("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                  "eb9058c3a382ffc7106e4002c42a8d85")],
-    "svhn": [(f"{split}_32x32.mat", f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat", md5)
-             for split, md5 in (("train", "e26dedcc434d2e4c54c9b2d4a06d8373"),
-                                ("test", "eb5a983be6a315427106f1b164d9cef3"))],
-    "mnist": [(f"{name}.gz", f"https://ossci-datasets.s3.amazonaws.com/mnist/{name}.gz", md5)
-              for name, md5 in (("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-                                ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
-                                ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
-                                ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c"))],
-    "tiny_imagenet": [("tiny-imagenet-200.zip", "http://cs231n.stanford.edu/tiny-imagenet-200.zip", None)],
-}
-LAYOUTS = {  # what each dataset expects inside --data_dir
-    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch), or train/<class>/*.jpg and test/<class>/*.jpg",
-    "cifar100": "cifar-100-python/ (train, test, meta)",
-    "svhn": "train_32x32.mat and test_32x32.mat",
-    "mnist": "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-             "t10k-labels-idx1-ubyte.gz (or the same in MNIST/raw/)",
-    "tiny_imagenet": "tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
-                     "val/val_annotations.txt)",
-    "imagefolder": "train/<class>/* and test/<class>/* images, all of one size",
-}
-LAYOUTS["cifar10_binary"] = LAYOUTS["cifar10_binary_gs"] = LAYOUTS["cifar10"]
-
 
 class DataError(Exception):
     """A dataset that is missing, incomplete or unreadable; the message says what was expected."""
@@ -348,59 +318,104 @@ def _check_members(archive, target, names):
             raise DataError(f"{archive}: member {name!r} would be written outside {target}; refusing to extract it")
 
 
-def _download(dataset, root):
+def _download(dataset, spec, root):
     """Fetch the dataset's files into root (archives extracted there); DataError if that is impossible."""
     from torchvision.datasets.utils import download_url
 
     created = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
-    for name, url, md5 in DOWNLOADS[dataset]:
+    for name, url, md5 in spec.downloads:
         try:
             download_url(url, root, name, md5)
         except Exception as err:  # no network, a refused connection, a checksum mismatch
             if created:  # leave nothing behind
                 shutil.rmtree(root, ignore_errors=True)
             raise DataError(f"{dataset} not found in {root} and its download from {url} failed "
-                            f"({type(err).__name__}); put there {LAYOUTS[dataset]}") from None
+                            f"({type(err).__name__}); put there {spec.layout}") from None
         if name.endswith((".zip", ".tar.gz")):
             safe_extract(os.path.join(root, name), root)
 
 
-def _present(dataset, root):
-    paths = {"cifar10": "cifar-10-batches-py/test_batch", "cifar100": "cifar-100-python/meta",
-             "svhn": "test_32x32.mat", "tiny_imagenet": "tiny-imagenet-200/wnids.txt"}
-    if dataset == "mnist":
-        return any(os.path.exists(_mnist_file(b, "t10k-labels-idx1-ubyte")) for b in (root, f"{root}/MNIST/raw"))
-    return os.path.exists(os.path.join(root, paths[dataset]))
+def _read_cifar10(root):
+    """CIFAR-10 from an image folder (interleaved by class) when root has that layout, else the python files."""
+    if has_image_folder_layout(root):
+        return interleave_classes(_load_image_folder(root))
+    return _load_cifar10_python(root)
 
 
-READERS = {"cifar10": _load_cifar10_python, "cifar100": _load_cifar100, "svhn": _load_svhn, "mnist": _load_mnist,
-           "tiny_imagenet": _load_tiny_imagenet}
+def _exists(*relative):
+    return lambda root: os.path.exists(os.path.join(root, *relative))
+
+
+def _mnist_present(root):
+    return any(os.path.exists(_mnist_file(base, "t10k-labels-idx1-ubyte")) for base in (root, f"{root}/MNIST/raw"))
+
+
+def _cifar10_present(root):
+    return has_image_folder_layout(root) or _exists("cifar-10-batches-py", "test_batch")(root)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the code knows about one --dataset: how to read it from --data_dir, how to tell it is there, what
+    --data_dir must hold (for messages), and what to download when it is not there (nothing: it must be)."""
+    read: Callable  # data_dir -> ImageData (crop padding and flipping included)
+    present: Callable  # data_dir -> bool
+    layout: str
+    downloads: tuple = field(default=())  # (file name, URL, md5 or None), archives extracted in place
+
+
+CIFAR10 = DatasetSpec(
+    _read_cifar10, _cifar10_present,
+    "cifar-10-batches-py/ (data_batch_1..5, test_batch), or train/<class>/*.jpg and test/<class>/*.jpg",
+    (("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+      "c58f30108f718f92721af3b95e74349a"),))
+DATASETS = {
+    "cifar10": CIFAR10,
+    "cifar100": DatasetSpec(
+        _load_cifar100, _exists("cifar-100-python", "meta"), "cifar-100-python/ (train, test, meta)",
+        (("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+          "eb9058c3a382ffc7106e4002c42a8d85"),)),
+    "svhn": DatasetSpec(
+        _load_svhn, _exists("test_32x32.mat"), "train_32x32.mat and test_32x32.mat",
+        tuple((f"{split}_32x32.mat", f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat", md5)
+              for split, md5 in (("train", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+                                 ("test", "eb5a983be6a315427106f1b164d9cef3")))),
+    "mnist": DatasetSpec(
+        _load_mnist, _mnist_present, "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (or the same in MNIST/raw/)",
+        tuple((f"{name}.gz", f"https://ossci-datasets.s3.amazonaws.com/mnist/{name}.gz", md5)
+              for name, md5 in (("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                                ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
+                                ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
+                                ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c")))),
+    "cifar10_binary": DatasetSpec(lambda root: _binary(_read_cifar10(root)), CIFAR10.present,
+                                  CIFAR10.layout, CIFAR10.downloads),
+    "cifar10_binary_gs": DatasetSpec(lambda root: _grayscale(_binary(_read_cifar10(root))), CIFAR10.present,
+                                     CIFAR10.layout, CIFAR10.downloads),
+    "tiny_imagenet": DatasetSpec(
+        _load_tiny_imagenet, _exists("tiny-imagenet-200", "wnids.txt"),
+        "tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)",
+        (("tiny-imagenet-200.zip", "http://cs231n.stanford.edu/tiny-imagenet-200.zip", None),)),
+    "imagefolder": DatasetSpec(_load_image_folder, has_image_folder_layout,
+                               "train/<class>/* and test/<class>/* images, all of one size"),
+}
 
 
 def load_data(dataset, data_dir):
-    """The named dataset from data_dir, downloaded there first when missing (except image folders)."""
-    if dataset not in DATASETS:
+    """The named dataset from data_dir, downloaded there first when missing and downloadable."""
+    spec = DATASETS.get(dataset)
+    if spec is None:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    cifar10_like = dataset in ("cifar10", "cifar10_binary", "cifar10_binary_gs")
-    if dataset == "imagefolder" or (cifar10_like and has_image_folder_layout(data_dir)):
-        if not has_image_folder_layout(data_dir):
-            raise DataError(f"{data_dir} is not an image folder: expected {LAYOUTS['imagefolder']}")
-        ds = _load_image_folder(data_dir)
-        if cifar10_like:
-            ds = interleave_classes(ds)
-    else:
-        source = "cifar10" if cifar10_like else dataset
-        if not _present(source, data_dir):
-            _download(source, data_dir)
-        try:
-            ds = READERS[source](data_dir)
-        except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
-            raise DataError(f"{dataset} in {data_dir} is incomplete or damaged ({type(err).__name__}: {err}); "
-                            f"expected {LAYOUTS[dataset]}") from None
-    if dataset.startswith("cifar10_binary"):
-        ds = _binary(ds)
-    return _grayscale(ds) if dataset == "cifar10_binary_gs" else ds
+    if not spec.present(data_dir):
+        if not spec.downloads:
+            raise DataError(f"{data_dir} does not hold {dataset}: expected {spec.layout}")
+        _download(dataset, spec, data_dir)
+    try:
+        return spec.read(data_dir)
+    except (OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        raise DataError(f"{dataset} in {data_dir} is incomplete or damaged ({type(err).__name__}: {err}); "
+                        f"expected {spec.layout}") from None
 
 
 def crop_flip_draws(n, generator, padding, flip):

@@ -1,6 +1,8 @@
 """Warnings about a training period that cannot be learning what it should, and the detection of catastrophic
 overfitting (CO) in a run's periodic evaluations. Pure functions of metrics rows."""
 
+from methods import REGULARISERS
+
 CO_PGD_FRACTION = 1 / 3  # CO: test PGD accuracy below this fraction of its best so far...
 CO_GAP = 0.30  # ...while FGSM accuracy exceeds it by more than this (30 points)
 DELTA_FRACTION = 0.5  # FGSM from zero: a mean |delta| below this fraction of the step means zero input gradients
@@ -31,10 +33,9 @@ def period_warnings(row, previous, args):
     out = []
     if row.get("loss_scale", 1.0) < 1:
         out.append(f"the fp16 loss scale has fallen to {row['loss_scale']:g}: input gradients are underflowing")
-    if args.grad_align_cos_lambda > 0 and row["train_reg"] == 0:
-        out.append("GradAlign's term read exactly 0 for the whole period")
-    if args.grad_input_sum_coeff > 0 and row["train_gis"] == 0:
-        out.append("GradSum's norm read exactly 0 for the whole period: input gradients are zero")
+    for r in REGULARISERS:
+        if r.weight(args) > 0 and row[f"train_{r.stat}"] == 0:
+            out.append(f"{r.name}'s term read exactly 0 for the whole period")
     expected = expected_delta(args, row["train_eps"])
     if expected is not None and row["train_delta_abs"] < DELTA_FRACTION * expected:
         out.append(f"the training perturbation's mean |delta| is {255 * row['train_delta_abs']:.3g}/255, below half "

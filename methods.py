@@ -1,8 +1,10 @@
 """One training iteration of every method, as the original computes it: the training perturbation (FGSM,
-FGSM-RS, VFSAT, MAST, Free-AT, PGD), the GradAlign and GradSum regularisers, and the optimiser step.
+FGSM-RS, VFSAT, MAST, Free-AT, PGD), the regularisers (REGULARISERS: GradAlign, GradSum), and the optimiser step;
+and PRESETS, the methods as named flag sets.
 
 Each piece is a function of (model, batch, radii, args); attacks and regularisers come from attacks.py.
 """
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -45,10 +47,11 @@ def fgsm_start(x, radii, args, carried):
 
 def perturb(model, x, y, radii, args, loss_scale, carried=None):
     """The training perturbation, and the input gradient the regularisers may use: FGSM's at its start, or, for
-    PGD and no attack, the original's extra gradient at x (differentiable when GradAlign uses it)."""
+    PGD and no attack, the original's extra gradient at x (differentiable where a regulariser's term goes through
+    it)."""
+    differentiable = any(r.weight(args) > 0 and r.through_attack_grad(args) for r in REGULARISERS)
     if args.attack == "fgsm":
         start = fgsm_start(x, radii, args, carried)
-        differentiable = args.fix_gradsum and args.attack_init == "random" and args.grad_input_sum_coeff > 0
         grad = attacks.input_grad(model, x, start.requires_grad_(differentiable), y, create_graph=differentiable,
                                   loss_scale=loss_scale)[0]
         step = radii.fgsm_alpha * (attacks.uniform_delta(x, radii.eps, on_grid=True) if args.mast else radii.fgsm_eps)
@@ -60,39 +63,88 @@ def perturb(model, x, y, radii, args, loss_scale, carried=None):
                                   start, loss_scale)
         if args.attack == "pgd_corner":
             delta = attacks.corner(x, delta, radii.eps)
-    grad_x = attacks.input_grad(model, x, torch.zeros_like(x), y, clip=False,
-                                create_graph=args.grad_align_cos_lambda > 0, loss_scale=loss_scale)[0]
+    grad_x = attacks.input_grad(model, x, torch.zeros_like(x), y, clip=False, create_graph=differentiable,
+                                loss_scale=loss_scale)[0]
     return delta, grad_x
 
 
+# ---------------------------------------------------------------- regularisers
+
+def grad_align(model, x, y, radii, args, grad, loss_scale):
+    """GradAlign's 1 - mean cosine; its first gradient is the attack's (a constant for FGSM, differentiated
+    through for PGD/none, as the original)."""
+    first = grad.detach() if args.attack == "fgsm" else grad
+    return attacks.grad_align_penalty(model, x, y, radii.reg_eps, first, loss_scale,
+                                      empty_is_zero=args.fix_gradalign_empty)
+
+
+def grad_sum_reuses_attack_grad(args):
+    """The original's GradSum with a random start is the norm of the attack's gradient, not of a new one at a
+    random point (--fix_gradsum keeps that for FGSM only, whose start gradient it differentiates)."""
+    return args.attack_init == "random" and not (args.fix_gradsum and args.attack != "fgsm")
+
+
+def grad_sum_is_constant(args):
+    """Where the original's GradSum term is a detached constant: it reuses an attack gradient that is not
+    differentiable (FGSM's, or PGD/none's unless GradAlign differentiates it)."""
+    return (grad_sum_reuses_attack_grad(args) and not args.fix_gradsum
+            and (args.attack == "fgsm" or not args.grad_align_cos_lambda))
+
+
 def grad_sum(model, x, y, radii, args, grad, loss_scale):
-    """GradSum's unscaled norm. The original reuses the attack's gradient with a random start, where it is a
-    detached constant (an FGSM gradient, or a PGD/none one unless GradAlign made it differentiable);
-    --fix_gradsum differentiates FGSM's start gradient and gives PGD/none a random point."""
-    reuse = args.attack_init == "random" and not (args.fix_gradsum and args.attack != "fgsm")
-    if reuse:
+    """GradSum's unscaled norm: of the attack's gradient where the original reuses it, else of the gradient at a
+    random grid point of the ball (double backprop)."""
+    if grad_sum_reuses_attack_grad(args):
         return grad.norm()
     return attacks.grad_sum_penalty(model, x, y, radii.reg_eps, loss_scale)
 
 
+@dataclass(frozen=True)
+class Regulariser:
+    """A term added to the training loss as coefficient * term(model, x, y, radii, args, attack_grad, loss_scale).
+
+    Everything else derives from this row: the coefficient flag and its check, the run name, the per-step
+    statistic and its health warning, and whether the double backprop needs BatchNorm's care."""
+    name: str  # as in the paper and the log
+    flag: str  # the coefficient's flag; 0 turns the term off
+    tag: str  # its part of the run name (with the coefficient)
+    term: Callable
+    stat: str  # the step statistic it fills: "reg" logs coefficient * term (the original's reg), "gis" the term alone
+    through_attack_grad: Callable = lambda args: False  # the term differentiates the attack's input gradient
+    logged_by: str | None = None  # a flag that computes and logs the term even when its coefficient is 0
+    double_backprop: bool = True
+
+    def weight(self, args):
+        return getattr(args, self.flag)
+
+    def computed(self, args):
+        return self.weight(args) > 0 or bool(self.logged_by and getattr(args, self.logged_by))
+
+
+# In the order of the original's forward passes (each moves BatchNorm statistics and draws a random point).
+REGULARISERS = (
+    Regulariser("GradAlign", "grad_align_cos_lambda", "gradalign", grad_align, "reg",
+                through_attack_grad=lambda args: args.attack != "fgsm"),
+    Regulariser("GradSum", "grad_input_sum_coeff", "gradsum", grad_sum, "gis",
+                through_attack_grad=lambda args: args.fix_gradsum and args.attack == "fgsm"
+                and args.attack_init == "random", logged_by="print_g_i_s"),
+)
+
+
 def losses(model, x, y, radii, args, loss_scale, carried=None, net=None):
-    """Training loss (cross-entropy + GradAlign + GradSum, as the original sums them) and its parts, in the
-    order of the original's forward passes (which all move BatchNorm statistics)."""
+    """Training loss (cross-entropy, then each regulariser's weighted term, as the original sums them) and its
+    parts, in the order of the original's forward passes (which all move BatchNorm statistics)."""
     delta, grad = perturb(model, x, y, radii, args, loss_scale, carried)
     delta = delta.detach()
     logits = (net or model)(x + delta)
-    ce = F.cross_entropy(logits, y)
-    zero = torch.zeros((), device=x.device)
-    reg = gis = zero
-    if args.grad_align_cos_lambda > 0:
-        first = grad.detach() if args.attack == "fgsm" else grad
-        reg = args.grad_align_cos_lambda * attacks.grad_align_penalty(
-            model, x, y, radii.reg_eps, first, loss_scale, empty_is_zero=args.fix_gradalign_empty)
-    if args.grad_input_sum_coeff > 0 or args.print_g_i_s:
-        gis = grad_sum(model, x, y, radii, args, grad, loss_scale)
-    total = ce + reg + (args.grad_input_sum_coeff * gis if args.grad_input_sum_coeff > 0 else zero)
-    stats = {"ce": ce.detach(), "loss": total.detach(), "reg": reg.detach(), "gis": gis.detach(),
-             "delta_abs": delta.abs().mean(), "correct": (logits.argmax(1) == y).sum()}
+    total = ce = F.cross_entropy(logits, y)
+    stats = {"ce": ce.detach(), "reg": torch.zeros((), device=x.device), "gis": torch.zeros((), device=x.device)}
+    for r in (r for r in REGULARISERS if r.computed(args)):
+        term = r.term(model, x, y, radii, args, grad, loss_scale)
+        if r.weight(args) > 0:
+            total = total + r.weight(args) * term
+        stats[r.stat] = (r.weight(args) * term if r.stat == "reg" else term).detach()
+    stats.update({"loss": total.detach(), "delta_abs": delta.abs().mean(), "correct": (logits.argmax(1) == y).sum()})
     return total, stats, delta
 
 
@@ -123,6 +175,21 @@ def train_step(model, opt, scaler, autocast, x, y, radii, args, carried=None, ne
         if args.weight_clip:
             clip_weights(model)
     return stats, delta
+
+
+# ---------------------------------------------------------------- presets
+
+FGSM = "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0"  # FGSM as the paper's scripts run it
+PRESETS = {  # --preset NAME: these flags in its place (flags after it override them); eps, schedule etc. apart
+    "standard": "--attack=none",  # no attack (the original's extra gradient at x is still taken)
+    "fgsm": FGSM,  # FGSM-AT from a zero start, step eps
+    "fgsm_rs": "--attack=fgsm --attack_init=random --fgsm_alpha=1.25",  # FGSM-RS ("Fast is better than free")
+    "vfsat": f"{FGSM} --discrete_eps",  # the paper's VFSAT
+    "gradsum": f"{FGSM} --grad_input_sum_coeff=10",  # the paper's GradSum, its lambda for CIFAR-10
+    "gradalign": f"{FGSM} --grad_align_cos_lambda=0.2",  # GradAlign, its paper's lambda at eps 8
+    "pgd": "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=2",  # PGD-10 AT, step 2/255
+    "free": f"{FGSM} --minibatch_replay=8",  # Free-AT (m = 8) as the original's loop runs it
+}
 
 
 def autocast_context(args):

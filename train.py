@@ -272,8 +272,7 @@ def notes(args):
         out.append("VFSAT's random start is drawn in the full eps-ball, as in the original (--fix_vfsat_start)")
     if args.discrete_eps and args.attack in ("pgd", "pgd_corner"):
         out.append("--discrete_eps has no effect on PGD training, as in the original")
-    reuse = args.attack_init == "random" and (args.attack == "fgsm" or not args.grad_align_cos_lambda)
-    if args.grad_input_sum_coeff and reuse and not args.fix_gradsum:
+    if args.grad_input_sum_coeff and methods.grad_sum_is_constant(args):
         out.append("GradSum is a detached constant with this attack and start, as in the original: it changes the "
                    "logged loss only (--fix_gradsum)")
     if args.minibatch_replay > 1 and args.attack_init == "random":

@@ -18,17 +18,16 @@ PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 
 SEEDS=(0 1998 2022)
-FGSM="--attack=fgsm --attack_init=zero --fgsm_alpha=1.0"
-PGD="--attack=pgd --attack_init=zero"  # the original's scripts train PGD from a zero start
+PGD="--preset=pgd"  # from a zero start, as the original's scripts train PGD (README: Presets)
 declare -a NAMES=()
 declare -A METHODS=()
 add() { NAMES+=("$1"); METHODS[$1]=$2; }
-add fgsm "$FGSM"                                                         # FGSM-AT
-add vfsat "$FGSM --discrete_eps"                                         # VFS-AT
-add gradsum "$FGSM --grad_input_sum_coeff=10"                            # GradSum (lambda 10)
+add fgsm "--preset=fgsm"                                                 # FGSM-AT
+add vfsat "--preset=vfsat"                                               # VFS-AT
+add gradsum "--preset=gradsum"                                           # GradSum (lambda 10)
 case "$EPS" in
   8)
-    add gradalign "$FGSM --grad_align_cos_lambda=20"                     # GradAlign (the original's eps-8 script: 20)
+    add gradalign "--preset=gradalign --grad_align_cos_lambda=20"        # GradAlign (the original's eps-8 script: 20)
     add pgd2-a4 "$PGD --pgd_train_n_iters=2 --pgd_alpha_train=4"         # PGD-2 (alpha=4)
     add pgd2-a6 "$PGD --pgd_train_n_iters=2 --pgd_alpha_train=6"         # PGD-2 (alpha=6)
     add pgd8-a1 "$PGD --pgd_train_n_iters=8 --pgd_alpha_train=1"         # PGD-8 (alpha=1)
@@ -37,7 +36,7 @@ case "$EPS" in
     add pgd10-a1.6-gradsum "$PGD --pgd_train_n_iters=10 --pgd_alpha_train=1.6 --grad_input_sum_coeff=1.0"  # PGD-10(1.6)+GradSum(1.0)
     ;;
   16)
-    add gradalign "$FGSM --grad_align_cos_lambda=24"                     # GradAlign (lambda=24)
+    add gradalign "--preset=gradalign --grad_align_cos_lambda=24"        # GradAlign (lambda=24)
     add pgd2-a8 "$PGD --pgd_train_n_iters=2 --pgd_alpha_train=8"         # PGD-2 (alpha=8)
     add pgd10-a3.2 "$PGD --pgd_train_n_iters=10 --pgd_alpha_train=3.2"   # PGD-10 (alpha=3.2)
     add pgd10-a3.2-gradsum "$PGD --pgd_train_n_iters=10 --pgd_alpha_train=3.2 --grad_input_sum_coeff=1.4"  # PGD-10(3.2)+GradSum(1.4)

@@ -16,12 +16,11 @@ cd "$(dirname "$0")/.."
 
 COMMON=(--data_dir="$DATA_DIR" --out_dir="$OUT_DIR" --device=cpu --seed=2022
         --model=cnn --n_filters_cnn=6 --lr_max=0.003 --epochs=30 --batch_size=256 --batch_size_eval=1024
-        --eps=10 --attack=fgsm --attack_init=zero --fgsm_alpha=1.0
-        --eval_iter_freq=195 --n_final_eval=2000 --eval_early_stopped_model)
-declare -A METHOD_FLAGS=(
-  [fgsm]=""
-  [fgsm-vfsat]="--discrete_eps"
-  [fgsm-gradsum]="--grad_input_sum_coeff=20"
+        --eps=10 --eval_iter_freq=195 --n_final_eval=2000 --eval_early_stopped_model)
+declare -A METHOD_FLAGS=(  # presets: README, Presets
+  [fgsm]="--preset=fgsm"
+  [fgsm-vfsat]="--preset=vfsat"
+  [fgsm-gradsum]="--preset=gradsum --grad_input_sum_coeff=20"
 )
 for name in fgsm fgsm-vfsat fgsm-gradsum; do
   run_dir="$OUT_DIR/$name"

@@ -17,12 +17,11 @@ cd "$(dirname "$0")/.."
 
 EPS=8
 SEEDS=(0 1998 2022)
-FGSM="--attack=fgsm --attack_init=zero --fgsm_alpha=1.0"
-declare -A METHODS=(
-  [fgsm]="$FGSM"
-  [vfsat]="$FGSM --discrete_eps"
-  [gradsum]="$FGSM --grad_input_sum_coeff=10"
-  [pgd2-a4]="--attack=pgd --attack_init=zero --pgd_train_n_iters=2 --pgd_alpha_train=4"
+declare -A METHODS=(  # presets: README, Presets
+  [fgsm]="--preset=fgsm"
+  [vfsat]="--preset=vfsat"
+  [gradsum]="--preset=gradsum"
+  [pgd2-a4]="--preset=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4"
 )
 N_GPUS=$(tr ',' '\n' <<< "$GPU_IDS" | wc -l)
 COMMON="--dataset=tiny_imagenet --data_dir=$DATA_DIR --out_dir=$OUT_DIR --model=resnet34 --eps=$EPS --epochs=96

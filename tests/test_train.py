@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import config
+import methods
 import train
 import utils
 
@@ -18,30 +19,26 @@ TINY_RUN = ("--model=cnn --n_filters_cnn=4 --lr_max=0.01 --eps=4 --epochs=2 --ba
             "--final_attack_iters=3 --final_n_restarts=2 --eval_early_stopped_model --device=cpu")
 
 ZERO = "--attack=fgsm --attack_init=zero"
-METHODS = {
-    "standard": "--attack=none",
-    "fgsm": f"{ZERO} --fgsm_alpha=1.0",
-    "fgsm_rs": "--attack=fgsm --attack_init=random --fgsm_alpha=1.25",
-    "vfsat": f"{ZERO} --discrete_eps --fgsm_alpha=1.0",
+VARIANTS = {  # edge cases beside the presets
     "vfsat_rs_fixed": "--attack=fgsm --discrete_eps --attack_init=random --fix_vfsat_start --fix_vfsat_list",
     "mast_weight_clip": f"{ZERO} --mast --weight_clip",
-    "gradsum": f"{ZERO} --grad_input_sum_coeff=10",
     "gradsum_rs": "--attack=fgsm --attack_init=random --grad_input_sum_coeff=10",
     "gradsum_rs_fixed": "--attack=fgsm --attack_init=random --grad_input_sum_coeff=10 --fix_gradsum",
-    "gradalign": f"{ZERO} --grad_align_cos_lambda=0.2",
     "gradalign_rs": "--attack=fgsm --attack_init=random --grad_align_cos_lambda=0.2",
     "gradalign_gradsum_fixed": f"{ZERO} --grad_align_cos_lambda=0.2 --grad_input_sum_coeff=1 --fix_gradsum",
+    "gradsum_autograd_bn": "--preset=gradsum --model=resnet18 --lr_max=0.05 --bn_double_backward=autograd",
     "pgd2": "--attack=pgd --pgd_train_n_iters=2 --pgd_alpha_train=2 --attack_init=random",
     "pgd2_corner": "--attack=pgd_corner --pgd_train_n_iters=2 --pgd_alpha_train=2 --attack_init=zero",
     "pgd2_gradsum": "--attack=pgd --attack_init=zero --pgd_train_n_iters=2 --grad_input_sum_coeff=1",
     "pgd2_gradalign": "--attack=pgd --pgd_train_n_iters=2 --grad_align_cos_lambda=0.2",
-    "free": f"{ZERO} --minibatch_replay=2",
+    "free2": f"{ZERO} --minibatch_replay=2",
     "half_prec": f"{ZERO} --half_prec --grad_input_sum_coeff=1 --grad_align_cos_lambda=0.2 --fix_gradsum",
     "bfloat16": f"{ZERO} --half_prec --amp_dtype=bfloat16 --grad_input_sum_coeff=1",
     "resnet18_piecewise": f"--model=resnet18 --lr_schedule=piecewise --lr_max=0.05 {ZERO} --discrete_eps",
     "pgd2_compiled_channels_last": "--attack=pgd --pgd_train_n_iters=2 --compile --channels_last",
     "input_normalization": f"{ZERO} --input_normalization=dataset --print_g_i_s",
 }
+METHODS = {**{name: f"--preset={name}" for name in methods.PRESETS}, **VARIANTS}
 
 
 def run_cli(flags, tmp_path, data_dir, name="run"):
@@ -60,9 +57,9 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert all(0 <= r[k] <= 1 for r in periodic for k in ("test_clean_acc", "test_pgd_acc", "train_pgd_acc"))
     assert all(r["test_pgd_any_acc"] <= r["test_pgd_acc"] for r in periodic)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in periodic)
-    flags = METHODS[method]
-    assert all((r["train_reg"] > 0) == ("grad_align" in flags) for r in periodic)
-    assert all((r["train_gis"] > 0) == ("grad_input" in flags or "print_g_i_s" in flags) for r in periodic)
+    args = config.load_args(run_dir)
+    for r in methods.REGULARISERS:  # each logged statistic is non-zero exactly where its term is computed
+        assert all((row[f"train_{r.stat}"] > 0) == r.computed(args) for row in periodic)
     final = [r for r in rows if r["kind"] == "final"]
     assert [r["model"] for r in final] == ["last", "early_stopped", "best_test"]
     assert all(r["n_points"] == 12 for r in final)
@@ -82,6 +79,18 @@ def test_vfsat_logs_the_epoch_eps(fix, expected, tmp_path, tiny_data):
     rows = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "periodic"]
     assert [r["train_eps"] for r in rows] == expected  # one evaluation per epoch, at its end
     assert ("--fix_vfsat_list" in open(os.path.join(run_dir, "log.txt")).read()) == (not fix)
+
+
+def test_a_preset_stands_for_its_flags_in_place():
+    """Flags after --preset override it, flags before it are overridden; both spellings work."""
+    parse = lambda line: config.build_parser().parse_args(shlex.split(line))  # noqa: E731
+    gradsum = parse("--preset=gradsum")
+    assert (gradsum.attack, gradsum.attack_init, gradsum.fgsm_alpha, gradsum.grad_input_sum_coeff) == \
+        ("fgsm", "zero", 1.0, 10.0)
+    assert parse("--preset gradsum --grad_input_sum_coeff=5").grad_input_sum_coeff == 5
+    assert parse("--grad_input_sum_coeff=5 --preset=gradsum").grad_input_sum_coeff == 10
+    assert vars(parse("--preset=pgd --preset=fgsm")) == {**vars(parse("--preset=fgsm")), "pgd_train_n_iters": 10,
+                                                         "pgd_alpha_train": 2.0}
 
 
 def test_standard_training_learns_the_tiny_task(tmp_path, tiny_data):
@@ -131,6 +140,9 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--mast --attack=pgd", "--mast=True"),
     ("--load_model=/nonexistent", "--load_model='/nonexistent'"),
     ("--resume=/nonexistent", "--resume='/nonexistent'"),
+    ("--preset=gradsun", "--preset='gradsun'"),
+    ("--preset", "--preset=''"),
+    ("--bn_double_backward=cudnn", "--bn_double_backward='cudnn'"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_files(flags, named, tmp_path, tiny_data, capsys):
     code, run_dir = run_cli(flags, tmp_path, tiny_data)
