@@ -16,9 +16,11 @@ import torch
 import data
 import methods
 import schedules
+import utils
 from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnorm
 
 CHECKPOINT = "checkpoint.pt"
+SAVED_MODELS = ("last", "early_stopped", "best_test")  # the weights a finished run's checkpoint holds
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 ATTACKS = ("fgsm", "pgd", "pgd_corner", "none")
 AMP_DTYPES = ("float16", "bfloat16")
@@ -244,6 +246,52 @@ def load_checkpoint(path, flag="--resume"):
     except Exception as err:  # truncated, corrupt, or not a checkpoint
         raise UsageError(f"{flag}={path!r}: {ckpt} is unreadable ({type(err).__name__}); it was not written "
                          "by train.py or is damaged") from None
+
+
+def saved_run_parser(description, default_models=SAVED_MODELS):
+    """The arguments of the tools that read a finished run (eval.py, surface.py): RUN_DIR, the models, eps, the
+    data folder, the device and the seed."""
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--models", nargs="+", default=list(default_models), help=f"any of {', '.join(SAVED_MODELS)}")
+    p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
+    p.add_argument("--data_dir", help="default: the run's")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (PGD restarts, AutoAttack, "
+                   "random directions)")
+    return p
+
+
+def open_saved_run(opts):
+    """(the run's arguments, its dataset, its network on opts.device in eval mode, {name: state dict} of the saved
+    models) for a saved_run_parser's opts; fills in opts.eps."""
+    bad = [m for m in opts.models if m not in SAVED_MODELS]
+    if bad:
+        raise UsageError(f"--models={bad[0]!r}: choose from {', '.join(SAVED_MODELS)}")
+    if not os.path.isdir(opts.run):
+        raise UsageError(f"RUN_DIR={opts.run!r}: not a run directory")
+    run = load_args(opts.run)
+    states = saved_models(load_checkpoint(opts.run, "RUN_DIR"))
+    opts.eps = opts.eps or run.eps
+    device = device_from_flag(opts.device)
+    dataset = data.load_data(run.dataset, opts.data_dir or run.data_dir)
+    return run, dataset, model_from_args(run, dataset).to(device).eval(), states
+
+
+def device_from_flag(name):
+    """The torch.device that --device names (auto: CUDA when available); UsageError if it cannot be used here."""
+    try:
+        device = utils.choose_device(name)
+        torch.empty(0, device=device)
+        return device
+    except (RuntimeError, AssertionError) as err:
+        raise UsageError(f"--device={name!r}: not available here ({str(err).splitlines()[0]})") from None
+
+
+def saved_models(ckpt):
+    """{name: state dict} of the models a checkpoint holds: the last weights, the early-stopped and best-test ones."""
+    return {"last": ckpt["model"], **{name: kept["state"] for name, kept in ckpt["kept"].items()}}
 
 
 def model_from_args(args, dataset):

@@ -6,7 +6,6 @@
 Defaults follow the original's eval.py and sh/eval.sh: PGD-50-10 with step 1/255, and FGSM steps larger than eps
 left unprojected (the ball grows to the step). Writes RUN/eval-<date-time>.json and prints a table.
 """
-import argparse
 import json
 import os
 import sys
@@ -20,7 +19,6 @@ import evaluation
 import utils
 from config import UsageError
 
-SAVED_MODELS = ("last", "early_stopped", "best_test")
 ORIGINAL_PGD_STEP = 1.0  # pixels/255: the original eval.py's PGD step
 
 
@@ -65,10 +63,7 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
 
 
 def build_parser():
-    p = config.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             allow_abbrev=False)
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--models", nargs="+", default=list(SAVED_MODELS), help=f"any of {', '.join(SAVED_MODELS)}")
+    p = config.saved_run_parser(__doc__)
     p.add_argument("--pgd", nargs=2, type=int, default=[50, 10], metavar=("ITERS", "RESTARTS"),
                    help="PGD iterations and restarts; 0 0 to skip")
     p.add_argument("--pgd_step", type=float, default=ORIGINAL_PGD_STEP, help="PGD step, pixels/255 (the original "
@@ -78,12 +73,8 @@ def build_parser():
     p.add_argument("--fgsm_sweep_projected", action="store_true", help="project steps larger than eps onto the "
                    "eps-ball (the original leaves them unprojected)")
     p.add_argument("--autoattack", action="store_true", help="AutoAttack, standard version (torchattacks)")
-    p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
     p.add_argument("--n_points", type=int, default=-1, help="the first this many test points; -1: all")
     p.add_argument("--batch_size", type=int, default=1024)
-    p.add_argument("--data_dir", help="default: the run's")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the PGD restarts and AutoAttack")
     return p
 
 
@@ -93,32 +84,21 @@ def prepare(argv):
         opts.pgd = None
     elif min(opts.pgd) < 1:
         raise UsageError(f"--pgd={opts.pgd}: iterations and restarts must be positive (0 0 skips PGD)")
-    bad = [m for m in opts.models if m not in SAVED_MODELS]
-    if bad:
-        raise UsageError(f"--models={bad[0]!r}: choose from {', '.join(SAVED_MODELS)}")
     if opts.autoattack:
         try:
             import torchattacks  # noqa: F401
         except ImportError:
             raise UsageError("--autoattack: needs torchattacks; pip install -r requirements.txt") from None
-    if not os.path.isdir(opts.run):
-        raise UsageError(f"RUN_DIR={opts.run!r}: not a run directory")
-    run = config.load_args(opts.run)
-    ckpt = config.load_checkpoint(opts.run, "RUN_DIR")
-    opts.eps = opts.eps or run.eps
-    dataset = data.load_data(run.dataset, opts.data_dir or run.data_dir)
-    return opts, ckpt, run, dataset
+    return opts, config.open_saved_run(opts)
 
 
 def main(argv=None):
     try:
-        opts, ckpt, run, dataset = prepare(sys.argv[1:] if argv is None else argv)
+        opts, (_, dataset, model, states) = prepare(sys.argv[1:] if argv is None else argv)
     except (UsageError, data.DataError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
-    device = utils.choose_device(opts.device)
-    model = config.model_from_args(run, dataset).to(device)
-    states = {"last": ckpt["model"], **{k: v["state"] for k, v in ckpt["kept"].items()}}
+    device = next(model.parameters()).device
     idx = evaluation.first_points(len(dataset.test_y), opts.n_points)
     x, y = dataset.test_x[idx].to(device), dataset.test_y[idx].to(device)
     results = {"run": opts.run, "eps": opts.eps, "n_points": len(y), "seed": opts.seed, "models": {}}

@@ -1,12 +1,16 @@
 """Gather run directories into the paper's table: one row per (dataset, model, method, eps), mean ± std over seeds,
-and plot training curves: clean, FGSM and PGD accuracy against iterations, learning rate and VFSAT eps beneath.
+and plot training curves: clean, FGSM and PGD accuracy against iterations, learning rate and VFSAT eps beneath;
+the FGSM step-size sweeps that eval.py measured; the first layer's filters.
 
     python report.py runs                                    # every run below runs/: Markdown table on stdout
-    python report.py runs/* --out results.md --plots plots/  # and RUN/curves.png, plots/<group>.png
+    python report.py runs/* --out results.md --plots plots/  # and RUN/curves.png, plots/<group>.png, the sweeps
+    python report.py runs/X runs/Y --plots plots/ --filters  # and RUN/filters.png
 """
 import argparse
+import glob
 import json
 import os
+import shutil
 import statistics
 import sys
 
@@ -44,10 +48,7 @@ CURVES = (("test_clean_acc", "clean (test)", "tab:blue", "-"), ("test_fgsm_acc",
 
 def plot_curves(run_dirs, path, title):
     """Accuracy curves averaged over the runs (seeds), with learning rate and training eps beneath, as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [periodic_rows(d) for d in run_dirs]
     n = min(len(r) for r in runs)
     if n == 0:
@@ -70,11 +71,88 @@ def plot_curves(run_dirs, path, title):
     eps_axis = bottom.twinx()
     eps_axis.step(iters, mean("train_eps"), where="pre", color="tab:green")
     eps_axis.set_ylabel("train eps (px)", color="tab:green")
+    save(fig, path)
+    return True
+
+
+def fgsm_sweep(run_dir):
+    """({model: [(step in pixels/255, accuracy)]}, eps) from the newest eval-*.json of the run that holds an FGSM
+    step-size sweep (eval.py --fgsm_sweep), or None."""
+    for path in sorted(glob.glob(os.path.join(run_dir, "eval-*.json")), key=os.path.getmtime, reverse=True):
+        with open(path) as f:
+            result = json.load(f)
+        sweeps = {model: sorted((float(k[len("fgsm_step"):-len("_acc")]), v) for k, v in accs.items()
+                                if k.startswith("fgsm_step")) for model, accs in result["models"].items()}
+        if any(sweeps.values()):
+            return {m: s for m, s in sweeps.items() if s}, result["eps"]
+    return None
+
+
+def plot_fgsm_sweeps(lines, eps, path, title):
+    """Accuracy against the FGSM step, one line per label ({label: [[(step, accuracy)] per seed]}, the mean over
+    seeds with a band of ± one std); a dotted line at eps, beyond which the step is not projected."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seeds in lines.items():
+        steps = sorted(set.intersection(*(set(s for s, _ in sweep) for sweep in seeds)))
+        accs = [[100 * dict(sweep)[s] for s in steps] for sweep in seeds]
+        mean = [statistics.mean(a) for a in zip(*accs, strict=True)]
+        seeds_note = f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""
+        ax.plot(steps, mean, marker="o", markersize=3, label=label + seeds_note)
+        if len(seeds) > 1:
+            std = [statistics.stdev(a) for a in zip(*accs, strict=True)]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], alpha=0.15)
+    ax.axvline(eps, color="gray", linestyle=":", label=f"eps = {eps:g}")
+    ax.set(xlabel="FGSM step (pixels/255)", ylabel="accuracy (%)", ylim=(0, 100), title=title)
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def first_layer_filters(state):
+    """The first convolution's weights (C_out, C_in, k, k) of a state dict."""
+    return next(v for k, v in state.items() if k.endswith("weight") and v.dim() == 4)
+
+
+def plot_filters(ckpt, path, title, per_row=16):
+    """The first layer's filters of the last and the early-stopped model, one block of rows each; every filter
+    scaled to [0, 1] on its own (RGB for three input channels, grey otherwise)."""
+    import math
+
+    plt = pyplot()
+    states = {m: s for m, s in config.saved_models(ckpt).items() if m in ("last", "early_stopped")}
+    filters = {m: first_layer_filters(s).float() for m, s in states.items()}
+    n = len(next(iter(filters.values())))
+    cols, rows = min(n, per_row), math.ceil(n / per_row)
+    fig, axes = plt.subplots(rows * len(filters), cols, figsize=(0.8 * cols, 0.9 * rows * len(filters) + 0.4),
+                             squeeze=False)
+    for block, (model, w) in enumerate(filters.items()):
+        low, high = w.flatten(1).min(1).values, w.flatten(1).max(1).values
+        scaled = (w - low[:, None, None, None]) / (high - low).clamp_min(1e-12)[:, None, None, None]
+        for k, ax in enumerate(axes[block * rows:(block + 1) * rows].flat):
+            ax.axis("off")
+            if k < n:
+                image = scaled[k].permute(1, 2, 0) if w.shape[1] == 3 else scaled[k].mean(0)
+                ax.imshow(image.numpy(), cmap=None if w.shape[1] == 3 else "gray", interpolation="nearest")
+                if k == 0:
+                    ax.set_title(model.replace("_", "-"), fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    save(fig, path)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path):
+    """Write the figure as PNG through a temporary file (never a torn PNG), then close it."""
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     os.replace(path + ".tmp.png", path)
-    return True
 
 
 def mean_std(values):
@@ -142,7 +220,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories written by train.py, or folders holding them")
     p.add_argument("--out", help="also write the table to this Markdown file")
-    p.add_argument("--plots", metavar="DIR", help="write RUN/curves.png for each run and DIR/<group>.png")
+    p.add_argument("--plots", metavar="DIR", help="write RUN/curves.png for each run and DIR/<group>.png; where "
+                   "eval.py measured an FGSM sweep, RUN/fgsm_sweep.png and DIR/fgsm_sweep.png (last models)")
+    p.add_argument("--filters", action="store_true", help="write RUN/filters.png (and DIR/<run>-filters.png with "
+                   "--plots): the first layer's filters of the last and early-stopped models")
     args = p.parse_args(argv)
     args.run_dirs = [d for path in args.paths for d in find_runs(path)]
     empty = [path for path in args.paths if not find_runs(path)]
@@ -161,21 +242,54 @@ def main(argv=None):
             utils.atomic_write_text(text, args.out)
         if args.plots:
             write_plots(args.run_dirs, args.plots)
+        if args.filters:
+            write_filters(args.run_dirs, args.plots)
+    except config.UsageError as err:  # a run without a readable checkpoint
+        print(f"report.py: error: {err}", file=sys.stderr)
+        return 2
     except (utils.WriteError, OSError) as err:
         print(f"report.py: error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
+def run_name(run_dir):
+    return os.path.basename(os.path.normpath(run_dir))
+
+
 def write_plots(run_dirs, folder):
     os.makedirs(folder, exist_ok=True)
+    last_sweeps, eps = {}, None
     for key, runs in group_runs(run_dirs).items():
         dirs = [run[0] for run in runs]
         for d in dirs:
-            plot_curves([d], os.path.join(d, "curves.png"), os.path.basename(os.path.normpath(d)))
+            plot_curves([d], os.path.join(d, "curves.png"), run_name(d))
+            found = fgsm_sweep(d)
+            if found:
+                sweeps, eps = found
+                plot_fgsm_sweeps({m: [s] for m, s in sweeps.items()}, eps, os.path.join(d, "fgsm_sweep.png"),
+                                 f"FGSM step sweep: {run_name(d)}")
+                if "last" in sweeps:
+                    last_sweeps.setdefault(group_name(key), []).append(sweeps["last"])
         path = os.path.join(folder, group_name(key) + ".png")
         if plot_curves(dirs, path, group_name(key)):
             print(f"plot: {path}")
+    if last_sweeps:
+        path = os.path.join(folder, "fgsm_sweep.png")
+        plot_fgsm_sweeps(last_sweeps, eps, path, "FGSM step sweep, last models")
+        print(f"plot: {path}")
+
+
+def write_filters(run_dirs, folder=None):
+    """RUN/filters.png for each run, and DIR/<run name>-filters.png with --plots DIR."""
+    for d in run_dirs:
+        ckpt = config.load_checkpoint(d, "--filters")
+        paths = [os.path.join(d, "filters.png")] + ([os.path.join(folder, f"{run_name(d)}-filters.png")] if folder
+                                                    else [])
+        plot_filters(ckpt, paths[0], f"first-layer filters: {run_name(d)}")
+        for path in paths[1:]:
+            shutil.copyfile(paths[0], path)
+        print("".join(f"plot: {path}\n" for path in paths), end="")
 
 
 if __name__ == "__main__":

@@ -352,11 +352,7 @@ def prepare(argv):
             raise UsageError(f"--resume={args.resume!r}: the run used {n_saved} process(es); resume it with as "
                              f"many (this is {n_now})")
     config.check_args(args, utils.dist_env()[1])
-    try:
-        args.device = utils.choose_device(args.device)
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as err:
-        raise UsageError(f"--device={args.device!r}: not available here ({str(err).splitlines()[0]})") from None
+    args.device = config.device_from_flag(args.device)
     if args.load_model:
         config.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
     dataset = data.load_data(args.dataset, args.data_dir)

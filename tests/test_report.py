@@ -79,3 +79,58 @@ def test_catastrophic_overfitting_column_counts_seeds_and_names_the_epoch(tmp_pa
     text = report.table(runs)
     assert cells(text, "fgsm")[11] == "4, - (1/2)" and cells(text, "fgsm-vfsat")[11] == "-"
     assert report.main([*runs, "--plots", str(tmp_path / "plots")]) == 0
+
+
+def write_eval(run, name, models, mtime):
+    path = os.path.join(run, name)
+    with open(path, "w") as f:
+        json.dump({"run": run, "eps": 8, "n_points": 10, "seed": 0, "models": models}, f)
+    os.utime(path, (mtime, mtime))
+
+
+def test_fgsm_sweep_comes_from_the_newest_evaluation_that_has_one_in_step_order(tmp_path):
+    run = make_run(tmp_path, "r", {}, 0, {"last": (0.8, 0.6, 0.4)})
+    sweep = {f"fgsm_step{s:g}_acc": 1 - s / 20 for s in (10, 2, 9, 1)}
+    write_eval(run, "eval-20260101-000000.json", {"last": {"clean_acc": 0.9, "fgsm_step1_acc": 0.1}}, 1000)
+    write_eval(run, "eval-20260101-000000-2.json", {"last": {"clean_acc": 0.9, **sweep},
+                                                     "early_stopped": {"clean_acc": 0.9, **sweep}}, 2000)
+    write_eval(run, "eval-20260101-000001.json", {"last": {"clean_acc": 0.8, "pgd50_10_acc": 0.3}}, 3000)
+    sweeps, eps = report.fgsm_sweep(run)
+    assert eps == 8 and set(sweeps) == {"last", "early_stopped"}
+    assert sweeps["last"] == [(1.0, 0.95), (2.0, 0.9), (9.0, 0.55), (10.0, 0.5)]
+    assert report.fgsm_sweep(make_run(tmp_path, "none", {}, 0, {"last": (0.8, 0.6, 0.4)})) is None
+    assert report.main([run, "--plots", str(tmp_path / "plots")]) == 0
+    for png in (os.path.join(run, "fgsm_sweep.png"), tmp_path / "plots" / "fgsm_sweep.png"):
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_layer_filters_are_the_first_convolution_not_a_normalisation_buffer():
+    import models
+
+    model = models.build_model("resnet18", 10, 3, 32, mean_std=([0.5] * 3, [0.25] * 3))
+    state = model.state_dict()
+    assert report.first_layer_filters(state) is state["conv1.weight"]
+    cnn = models.build_model("cnn", 2, 1, 8, n_filters=5)
+    assert report.first_layer_filters(cnn.state_dict()).shape == (5, 1, 3, 3)
+
+
+def test_filters_and_sweeps_of_a_trained_run_through_the_command_lines(tmp_path, tiny_data, capsys):
+    import shlex
+
+    from test_train import TINY_RUN
+
+    import eval as evaluation
+    import train
+
+    assert train.main(shlex.split(f"{TINY_RUN} --data_dir={tiny_data} --out_dir={tmp_path} --run_name=r")) == 0
+    run = str(tmp_path / "r")
+    assert evaluation.main([run, "--pgd", "0", "0", "--fgsm_sweep", "2", "4", "6", "--n_points", "8"]) == 0
+    capsys.readouterr()
+    assert report.main([run, "--plots", str(tmp_path / "plots"), "--filters"]) == 0
+    assert f"plot: {run}/filters.png" in capsys.readouterr().out
+    for name in ("filters.png", "fgsm_sweep.png", "curves.png"):
+        assert os.path.getsize(os.path.join(run, name)) > 5_000
+    os.remove(os.path.join(run, "checkpoint.pt"))
+    assert report.main([run, "--filters"]) == 2
+    assert "checkpoint.pt" in capsys.readouterr().err
