@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -263,9 +264,16 @@ def saved_run_parser(description, default_models=SAVED_MODELS):
     return p
 
 
+class SavedRun(NamedTuple):
+    args: argparse.Namespace  # the run's flags
+    dataset: data.ImageData
+    model: torch.nn.Module  # its network on the device, in eval mode
+    states: dict  # {name: state dict} of the saved models
+    device: torch.device
+
+
 def open_saved_run(opts):
-    """(the run's arguments, its dataset, its network on opts.device in eval mode, {name: state dict} of the saved
-    models) for a saved_run_parser's opts; fills in opts.eps."""
+    """The SavedRun that a saved_run_parser's opts name; fills in opts.eps."""
     bad = [m for m in opts.models if m not in SAVED_MODELS]
     if bad:
         raise UsageError(f"--models={bad[0]!r}: choose from {', '.join(SAVED_MODELS)}")
@@ -276,7 +284,7 @@ def open_saved_run(opts):
     opts.eps = opts.eps or run.eps
     device = device_from_flag(opts.device)
     dataset = data.load_data(run.dataset, opts.data_dir or run.data_dir)
-    return run, dataset, model_from_args(run, dataset).to(device).eval(), states
+    return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, device)
 
 
 def device_from_flag(name):

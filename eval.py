@@ -94,13 +94,13 @@ def prepare(argv):
 
 def main(argv=None):
     try:
-        opts, (_, dataset, model, states) = prepare(sys.argv[1:] if argv is None else argv)
+        opts, saved = prepare(sys.argv[1:] if argv is None else argv)
     except (UsageError, data.DataError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
-    device = next(model.parameters()).device
+    dataset, model, states = saved.dataset, saved.model, saved.states
     idx = evaluation.first_points(len(dataset.test_y), opts.n_points)
-    x, y = dataset.test_x[idx].to(device), dataset.test_y[idx].to(device)
+    x, y = dataset.test_x[idx].to(saved.device), dataset.test_y[idx].to(saved.device)
     results = {"run": opts.run, "eps": opts.eps, "n_points": len(y), "seed": opts.seed, "models": {}}
     for name in opts.models:
         if name not in states:

@@ -121,34 +121,40 @@ def prepare(argv):
     return opts, saved
 
 
+def draw_surfaces(saved, name, xs, ys, opts):
+    """Draw the loaded model's surface around each image; yields each PNG's path once written."""
+    coords = torch.linspace(*opts.range, opts.grid)
+    generator = torch.Generator().manual_seed(opts.seed)  # the same random directions for every model
+    for i, (x, y) in enumerate(zip(xs.to(saved.device), ys.to(saved.device), strict=True)):
+        u, v = plane(saved.model, x, y, opts.eps / 255, generator)
+        loss, pred = loss_surface(saved.model, x, y, u, v, coords.to(saved.device), opts.batch_size, opts.clip)
+        title = (f"{os.path.basename(os.path.normpath(opts.run))}, {name} model, test image {i} "
+                 f"({saved.dataset.classes[int(y)]}), eps {opts.eps:g}/255")
+        path = os.path.join(opts.out, f"{name}-image{i}.png")
+        plot(coords, loss, pred, linf_in_units(u, v, coords), int(y), saved.dataset.classes, title, path)
+        yield path
+
+
 def main(argv=None):
     try:
-        opts, (_, dataset, model, states) = prepare(sys.argv[1:] if argv is None else argv)
+        opts, saved = prepare(sys.argv[1:] if argv is None else argv)
     except (UsageError, data.DataError) as err:
         print(f"surface.py: error: {err}", file=sys.stderr)
         return 2
-    device = next(model.parameters()).device
-    coords = torch.linspace(*opts.range, opts.grid)
-    n = min(opts.n_images, len(dataset.test_y))
-    xs, ys = next(data.eval_batches(dataset.test_x[:n], dataset.test_y[:n], n))
+    test_x, test_y = saved.dataset.test_x[:opts.n_images], saved.dataset.test_y[:opts.n_images]
+    xs, ys = next(data.eval_batches(test_x, test_y, len(test_y)))
     for name in opts.models:
-        if name not in states:
+        if name not in saved.states:
             print(f"surface.py: {name}: not saved in this run, skipped", file=sys.stderr)
             continue
-        model.load_state_dict(states[name])
-        generator = torch.Generator().manual_seed(opts.seed)  # the same random directions for every model
-        for i, (x, y) in enumerate(zip(xs.to(device), ys.to(device), strict=True)):
-            u, v = plane(model, x, y, opts.eps / 255, generator)
-            loss, pred = loss_surface(model, x, y, u, v, coords.to(device), opts.batch_size, opts.clip)
-            title = (f"{os.path.basename(os.path.normpath(opts.run))}, {name} model, test image {i} "
-                     f"({dataset.classes[int(y)]}), eps {opts.eps:g}/255")
-            path = os.path.join(opts.out, f"{name}-image{i}.png")
-            try:
-                plot(coords, loss, pred, linf_in_units(u, v, coords), int(y), dataset.classes, title, path)
-            except OSError as err:
-                print(f"surface.py: error: could not write {path} ({err.strerror or err})", file=sys.stderr)
-                return 1
-            print(path)
+        saved.model.load_state_dict(saved.states[name])
+        try:
+            for path in draw_surfaces(saved, name, xs, ys, opts):
+                print(path)
+        except OSError as err:
+            print(f"surface.py: error: could not write a picture in {opts.out} ({err.strerror or err})",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
