@@ -193,7 +193,7 @@ def build_parser():
     p.add_argument("--batch_size_eval", type=int, default=256)
     p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval, data")
     p.add_argument("--profile", metavar="METHOD", help="instead: torch.profiler's table of one iteration of this "
-                   f"method (one of: {', '.join(METHODS)})")
+                   f"method (one of: {', '.join(METHODS)}; under --half_prec also {', '.join(HALF_PREC_METHODS)})")
     return p
 
 

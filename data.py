@@ -13,7 +13,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -389,10 +389,8 @@ DATASETS = {
                                 ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
                                 ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
                                 ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c")))),
-    "cifar10_binary": DatasetSpec(lambda root: _binary(_read_cifar10(root)), CIFAR10.present,
-                                  CIFAR10.layout, CIFAR10.downloads),
-    "cifar10_binary_gs": DatasetSpec(lambda root: _grayscale(_binary(_read_cifar10(root))), CIFAR10.present,
-                                     CIFAR10.layout, CIFAR10.downloads),
+    "cifar10_binary": replace(CIFAR10, read=lambda root: _binary(_read_cifar10(root))),
+    "cifar10_binary_gs": replace(CIFAR10, read=lambda root: _grayscale(_binary(_read_cifar10(root)))),
     "tiny_imagenet": DatasetSpec(
         _load_tiny_imagenet, _exists("tiny-imagenet-200", "wnids.txt"),
         "tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)",

@@ -54,7 +54,7 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
         result[f"pgd{iters}_{restarts}_acc"] = accs["pgd"]
         result[f"pgd{iters}_{restarts}_any_acc"] = accs["pgd_any"]
     for step_px in opts.fgsm_sweep or ():
-        result[f"fgsm_step{step_px:g}_acc"] = fgsm_accuracy(model, x_u8, y, eps, step_px / 255, opts.batch_size,
+        result[evaluation.fgsm_step_key(step_px)] = fgsm_accuracy(model, x_u8, y, eps, step_px / 255, opts.batch_size,
                                                            opts.fgsm_sweep_projected)
     if opts.autoattack:
         result["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, opts.seed), ("autoattack",),

@@ -37,6 +37,19 @@ def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True):
     return stats
 
 
+FGSM_STEP_KEY = ("fgsm_step", "_acc")  # eval.py's result key of an FGSM sweep step: fgsm_step<pixels/255>_acc
+
+
+def fgsm_step_key(step_px):
+    return f"{FGSM_STEP_KEY[0]}{step_px:g}{FGSM_STEP_KEY[1]}"
+
+
+def fgsm_step_of_key(key):
+    """The step (pixels/255) of an FGSM sweep result key, None for any other key."""
+    prefix, suffix = FGSM_STEP_KEY
+    return float(key[len(prefix):-len(suffix)]) if key.startswith(prefix) and key.endswith(suffix) else None
+
+
 def clean_stats(model):
     return lambda x, y: {"clean": utils.clean_correct(model, x, y)}
 

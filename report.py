@@ -9,12 +9,14 @@ the FGSM step-size sweeps that eval.py measured; the first layer's filters.
 import argparse
 import glob
 import json
+import math
 import os
 import shutil
 import statistics
 import sys
 
 import config
+import evaluation
 import health
 import utils
 
@@ -48,7 +50,7 @@ CURVES = (("test_clean_acc", "clean (test)", "tab:blue", "-"), ("test_fgsm_acc",
 
 def plot_curves(run_dirs, path, title):
     """Accuracy curves averaged over the runs (seeds), with learning rate and training eps beneath, as PNG."""
-    plt = pyplot()
+    plt = utils.pyplot()
     runs = [periodic_rows(d) for d in run_dirs]
     n = min(len(r) for r in runs)
     if n == 0:
@@ -71,7 +73,7 @@ def plot_curves(run_dirs, path, title):
     eps_axis = bottom.twinx()
     eps_axis.step(iters, mean("train_eps"), where="pre", color="tab:green")
     eps_axis.set_ylabel("train eps (px)", color="tab:green")
-    save(fig, path)
+    utils.save_figure(fig, path)
     return True
 
 
@@ -81,8 +83,9 @@ def fgsm_sweep(run_dir):
     for path in sorted(glob.glob(os.path.join(run_dir, "eval-*.json")), key=os.path.getmtime, reverse=True):
         with open(path) as f:
             result = json.load(f)
-        sweeps = {model: sorted((float(k[len("fgsm_step"):-len("_acc")]), v) for k, v in accs.items()
-                                if k.startswith("fgsm_step")) for model, accs in result["models"].items()}
+        sweeps = {model: sorted((evaluation.fgsm_step_of_key(k), v) for k, v in accs.items()
+                                if evaluation.fgsm_step_of_key(k) is not None)
+                  for model, accs in result["models"].items()}
         if any(sweeps.values()):
             return {m: s for m, s in sweeps.items() if s}, result["eps"]
     return None
@@ -91,7 +94,7 @@ def fgsm_sweep(run_dir):
 def plot_fgsm_sweeps(lines, eps, path, title):
     """Accuracy against the FGSM step, one line per label ({label: [[(step, accuracy)] per seed]}, the mean over
     seeds with a band of ± one std); a dotted line at eps, beyond which the step is not projected."""
-    plt = pyplot()
+    plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, seeds in lines.items():
         steps = sorted(set.intersection(*(set(s for s, _ in sweep) for sweep in seeds)))
@@ -106,7 +109,7 @@ def plot_fgsm_sweeps(lines, eps, path, title):
     ax.axvline(eps, color="gray", linestyle=":", label=f"eps = {eps:g}")
     ax.set(xlabel="FGSM step (pixels/255)", ylabel="accuracy (%)", ylim=(0, 100), title=title)
     ax.legend(fontsize=8)
-    save(fig, path)
+    utils.save_figure(fig, path)
 
 
 def first_layer_filters(state):
@@ -117,9 +120,7 @@ def first_layer_filters(state):
 def plot_filters(ckpt, path, title, per_row=16):
     """The first layer's filters of the last and the early-stopped model, one block of rows each; every filter
     scaled to [0, 1] on its own (RGB for three input channels, grey otherwise)."""
-    import math
-
-    plt = pyplot()
+    plt = utils.pyplot()
     states = {m: s for m, s in config.saved_models(ckpt).items() if m in ("last", "early_stopped")}
     filters = {m: first_layer_filters(s).float() for m, s in states.items()}
     n = len(next(iter(filters.values())))
@@ -137,22 +138,7 @@ def plot_filters(ckpt, path, title, per_row=16):
                 if k == 0:
                     ax.set_title(model.replace("_", "-"), fontsize=8, loc="left")
     fig.suptitle(title, fontsize=9)
-    save(fig, path)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save(fig, path):
-    """Write the figure as PNG through a temporary file (never a torn PNG), then close it."""
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    pyplot().close(fig)
-    os.replace(path + ".tmp.png", path)
+    utils.save_figure(fig, path)
 
 
 def mean_std(values):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import attacks
 import config
 import data
+import utils
 from config import UsageError
 
 
@@ -58,9 +59,7 @@ def linf_in_units(u, v, coords):
 def plot(coords, loss, pred, linf, label, classes, title, path):
     """Left: the loss surface in 3-D, each cell in its predicted class's colour; right: the predicted classes seen
     from above with loss contours, the eps-ball's boundary (dashed) and the image (+)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = utils.pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -86,11 +85,7 @@ def plot(coords, loss, pred, linf, label, classes, title, path):
     ax.legend(handles=[Patch(color=colours[k], label=classes[k] + (" (true)" if k == label else "")) for k in shown],
               loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, title="predicted")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    utils.save_figure(fig, path)
 
 
 def build_parser():

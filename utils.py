@@ -51,6 +51,22 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    """Write the figure as PNG through a temporary file (never a torn PNG), then close it."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    pyplot().close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
 def progress(iterable, total=None, desc=None):
     """A tqdm progress bar on an interactive terminal (process 0 only); the bare iterable otherwise."""
     from tqdm import tqdm
