@@ -30,14 +30,19 @@ import methods
 import utils
 from models import build_model
 
+AUTOGRAD_DOUBLE_BACKWARD = "--preset={} --bn_double_backward=autograd --conv_double_backward=autograd"
 METHODS = {  # name: train.py flags (presets from methods.PRESETS, see the README's Presets)
     "none": "--preset=standard",
     "FGSM": "--preset=fgsm",
     "FGSM+VFSAT": "--preset=vfsat",
     "FGSM+GradSum": "--preset=gradsum",
     "FGSM+GradSum, autograd's BN double backward": "--preset=gradsum --bn_double_backward=autograd",
+    "FGSM+GradSum, autograd's conv double backward": "--preset=gradsum --conv_double_backward=autograd",
+    "FGSM+GradSum, autograd's double backward": AUTOGRAD_DOUBLE_BACKWARD.format("gradsum"),
     "FGSM+GradAlign": "--preset=gradalign",
     "FGSM+GradAlign, autograd's BN double backward": "--preset=gradalign --bn_double_backward=autograd",
+    "FGSM+GradAlign, autograd's conv double backward": "--preset=gradalign --conv_double_backward=autograd",
+    "FGSM+GradAlign, autograd's double backward": AUTOGRAD_DOUBLE_BACKWARD.format("gradalign"),
     "FGSM-RS+GradSum (fixed)": "--preset=gradsum --attack_init=random --fix_gradsum",
     "FGSM-RS+GradAlign": "--preset=gradalign --attack_init=random",
     "PGD-2": "--preset=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4",
@@ -68,7 +73,7 @@ def radii(eps):
 def time_iterations(model, setup, x, y, eps, n_iters):
     """Seconds per training iteration, over n_iters iterations."""
     opt, scaler, autocast, args = setup
-    config.configure_batchnorm_for(model, args)
+    config.configure_double_backward(model, args)
     sync(x.device)
     start = time.perf_counter()
     for _ in range(n_iters):

@@ -18,7 +18,7 @@ import data
 import methods
 import schedules
 import utils
-from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnorm
+from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnorm, configure_conv
 
 CHECKPOINT = "checkpoint.pt"
 SAVED_MODELS = ("last", "early_stopped", "best_test")  # the weights a finished run's checkpoint holds
@@ -26,6 +26,7 @@ RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 ATTACKS = ("fgsm", "pgd", "pgd_corner", "none")
 AMP_DTYPES = ("float16", "bfloat16")
 BN_DOUBLE_BACKWARDS = ("closed_form", "autograd")
+CONV_DOUBLE_BACKWARDS = ("explicit", "autograd")
 
 
 class UsageError(Exception):
@@ -137,6 +138,9 @@ def build_parser(description=None):
     g("--bn_float32", action="store_true", help="with --half_prec and GradSum/GradAlign: BatchNorm in fp32, as the "
       "original's apex registration (the same values up to rounding: its output is rounded to the half dtype at the "
       "next convolution either way); always so with --bn_double_backward=autograd, whose fp16 form overflows")
+    g("--conv_double_backward", default="explicit", help="convolutions' double backward (GradSum, GradAlign): "
+      "explicit (the same gradients; the weight's term by the weight-gradient kernel, no weight gradient in the "
+      "input-gradient backward) or autograd (PyTorch's generic one)")
     g("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
     g("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign)")
     g("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics")
@@ -161,7 +165,7 @@ def check_args(args, n_procs=1):
 
     choices = (("dataset", data.DATASETS), ("model", MODELS), ("lr_schedule", schedules.LR_SCHEDULES),
                ("attack", ATTACKS), ("attack_init", ("zero", "random")), ("amp_dtype", AMP_DTYPES),
-               ("bn_double_backward", BN_DOUBLE_BACKWARDS),
+               ("bn_double_backward", BN_DOUBLE_BACKWARDS), ("conv_double_backward", CONV_DOUBLE_BACKWARDS),
                ("input_normalization", INPUT_NORMALIZATIONS))
     for flag, allowed in choices:
         need(getattr(args, flag) in allowed, flag, f"choose one of {', '.join(allowed)}")
@@ -308,15 +312,17 @@ def model_from_args(args, dataset):
     mean_std = dataset.mean_std() if args.input_normalization == "dataset" else None
     model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
                         args.n_layers, args.n_filters_cnn)
-    configure_batchnorm_for(model, args)
+    configure_double_backward(model, args)
     return model
 
 
-def configure_batchnorm_for(model, args):
-    """BatchNorm for the run's regularisers: with double backprop, the closed-form double backward (its sums in
-    fp32 at least) unless --bn_double_backward=autograd; fp32 under autocast with --bn_float32 or with autograd's
-    double backward (which overflows fp16 at the loss scale)."""
+def configure_double_backward(model, args):
+    """BatchNorm and convolutions for the run's regularisers. With double backprop: BatchNorm's closed-form double
+    backward (its sums in fp32 at least) unless --bn_double_backward=autograd, BatchNorm in fp32 under autocast with
+    --bn_float32 or with autograd's double backward (which overflows fp16 at the loss scale); the convolutions'
+    explicit double backward unless --conv_double_backward=autograd."""
     double = uses_double_backprop(args)
     closed_form = args.bn_double_backward == "closed_form"
     float32 = double and args.half_prec and (args.bn_float32 or not closed_form)
     configure_batchnorm(model, float32_under_autocast=float32, closed_form_double_backward=double and closed_form)
+    configure_conv(model, explicit_double_backward=double and args.conv_double_backward == "explicit")

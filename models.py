@@ -34,6 +34,19 @@ def _per_channel(t, like):
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
 
+def _engine_needs(ctx, i):
+    """Whether the running backward wants the gradient of the Function's i-th input (a plain .backward() wants
+    them all; autograd.grad(loss, x) only those on a path to x). Inputs that are tensors come first
+    (next_functions lists tensor inputs only)."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # what register_multi_grad_hook asks
+    try:
+        return will_execute is None or will_execute(ctx.next_functions[i][0])
+    except RuntimeError:  # raised for a leaf that autograd.grad was asked for: wanted
+        return True
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Training-mode batch norm (running statistics updated in place) whose backward is _BatchNormBackward, so a
     double backprop goes through that function's closed form instead of autograd's generic one."""
@@ -61,6 +74,7 @@ class _BatchNormBackward(torch.autograd.Function):
         grads = torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True, eps,
                                                           [True, True, True])
         ctx.save_for_backward(grad_y, x, weight, mean, invstd, grads[1], grads[2])
+        ctx.eps = eps
         ctx.set_materialize_grads(False)
         return grads
 
@@ -70,39 +84,48 @@ class _BatchNormBackward(torch.autograd.Function):
         grad_y, x, weight, mean, invstd, grad_w, grad_b = ctx.saved_tensors
         if gg_x is None:
             gg_x = torch.zeros_like(x)
-        return (*batchnorm_double_backward(gg_x, gg_w, gg_b, grad_y, x, weight, mean, invstd, grad_w, grad_b),
-                None, None, None)
+        return (*batchnorm_double_backward(gg_x, gg_w, gg_b, grad_y, x, weight, mean, invstd, grad_w, grad_b,
+                                           ctx.eps), None, None, None)
 
 
-def batchnorm_double_backward(a, a_w, a_b, gy, x, w, mean, invstd, gw, gb):
+def batchnorm_double_backward(a, a_w, a_b, gy, x, w, mean, invstd, gw, gb, eps=1e-5):
     """Gradients with respect to (grad_y, x, weight) of L = <a, grad_x> + <a_w, grad_w> + <a_b, grad_b>, where
     (grad_x, grad_w, grad_b) is training-mode batch norm's backward of grad_y at x, in closed form.
 
     With h = (x - mean) * invstd, r = invstd, M points per channel and sums over each channel's points:
       grad_b = sum gy,  grad_w = sum gy h,  grad_x = w r (gy - grad_b / M - h grad_w / M).
-    Computed in fp32 at least (in fp16 the sums overflow at a loss scale)."""
-    dtype, w_dtype, dims = x.dtype, w.dtype, [0, *range(2, x.dim())]
-    acc = torch.promote_types(dtype, torch.float32)
-    a, gy, x, w = a.to(acc), gy.to(acc), x.to(acc), w.to(acc)
+    grad_y enters all three linearly, so its gradient is batch norm's own backward of a (plus the a_w, a_b terms).
+    Sums and per-point arithmetic in fp32 at least, read from the half tensors directly (in fp16 the sums overflow
+    at a loss scale); the passes over the activations: two of PyTorch's batch-norm backward kernels and four
+    elementwise ones."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     m = x.numel() / x.shape[1]
     ch = lambda t: _per_channel(t, x)  # noqa: E731
-    r, wr = invstd.to(acc), w * invstd
-    a_w = torch.zeros_like(r) if a_w is None else a_w.to(acc)
-    a_b = torch.zeros_like(r) if a_b is None else a_b.to(acc)
-    h = (x - ch(mean)) * ch(r)
-    sum_a, sum_ah, sum_agy = a.sum(dims), (a * h).sum(dims), (a * gy).sum(dims)
-    # grad_y enters grad_x (through gy, grad_b and grad_w), grad_w and grad_b linearly
-    g_gy = ch(wr) * (a - ch(sum_a / m) - h * ch(sum_ah / m)) + h * ch(a_w) + ch(a_b)
+    bn_backward = lambda g, inp, mu, r, mask: torch.ops.aten.native_batch_norm_backward(  # noqa: E731
+        g, inp, w, None, None, mu, r, True, eps, mask)
+    # g_gy = w r (a - sum_a / M - h sum_ah / M), with sum_ah = sum a h and sum_a = sum a (fused, fp32 sums)
+    g_gy, sum_ah, sum_a = bn_backward(a, x, mean, invstd, [True, True, True])
+    # sum a gy: the same kernel's weight gradient with mean 0 and invstd 1
+    sum_agy = bn_backward(a, gy, torch.zeros_like(mean), torch.ones_like(invstd), [False, True, False])[1]
+    r, w32 = invstd.to(acc), w.to(acc)
+    sum_a, sum_ah, sum_agy, gw, gb = (t.to(acc) for t in (sum_a, sum_ah, sum_agy, gw, gb))
+    if a_w is not None or a_b is not None:  # a loss on the parameter gradients themselves
+        a_w = torch.zeros_like(r) if a_w is None else a_w.to(acc)
+        a_b = torch.zeros_like(r) if a_b is None else a_b.to(acc)
+        g_gy = g_gy + ((x - ch(mean)) * ch(r * a_w) + ch(a_b)).to(g_gy.dtype)
+    else:
+        a_w = torch.zeros_like(r)
     g_w = r * (sum_agy - sum_a * gb / m - sum_ah * gw / m)
     # x enters through h and r (dr/dx = -r^2 h / M); gradient of L as a*a_coef + gy*gy_coef + h*h_coef + const
-    c1 = sum_agy - sum_a * gb / m
-    wr2 = wr * r
+    wr2 = w32 * r * r
     a_coef = -wr2 * gw / m
     gy_coef = -wr2 * sum_ah / m + a_w * r
-    h_coef = -wr2 * c1 / m + 3 * wr2 * sum_ah * gw / m**2 - a_w * r * gw / m
+    h_coef = -wr2 * (sum_agy - sum_a * gb / m) / m + 3 * wr2 * sum_ah * gw / m**2 - a_w * r * gw / m
     const = wr2 * (gw * sum_a + sum_ah * gb) / m**2 - a_w * r * gb / m
-    g_x = a * ch(a_coef) + gy * ch(gy_coef) + h * ch(h_coef) + ch(const)
-    return g_gy.to(dtype), g_x.to(dtype), g_w.to(w_dtype)
+    # h h_coef + const = x (r h_coef) + (const - mean r h_coef); each product read from the half tensor in fp32
+    g_x = torch.addcmul(ch(const - mean.to(acc) * r * h_coef), x, ch(r * h_coef))
+    g_x.addcmul_(a, ch(a_coef)).addcmul_(gy, ch(gy_coef))
+    return g_gy, g_x.to(x.dtype), g_w.to(w.dtype)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -129,17 +152,96 @@ class BatchNorm2d(nn.BatchNorm2d):
                                      self.eps)
 
 
+class _ConvTrain(torch.autograd.Function):
+    """conv2d whose backward is _ConvBackward: only the gradients the running backward wants (GradSum's inner
+    backward wants the input's, not the weight's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        mask = [_engine_needs(ctx, i) for i in range(3)]
+        return (*_ConvBackward.apply(grad_y, x, weight, ctx.geometry, mask), None, None)
+
+
+class _ConvBackward(torch.autograd.Function):
+    """(grad_x, grad_weight, grad_bias) of conv2d, None where unmasked. Its backward takes the weight's term with
+    the weight-gradient kernel; autograd's generic one convolves batch-transposed tensors instead, for which cuDNN
+    picks FFT or slow kernels (a kernel the size of the feature map) after two transposing copies."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, geometry, mask):
+        stride, padding, has_bias = geometry
+        ctx.save_for_backward(grad_y, x, weight)
+        ctx.geometry = geometry
+        ctx.set_materialize_grads(False)
+        return _conv_backward(grad_y, x, weight, stride, padding, [mask[0], mask[1], mask[2] and has_bias])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gg_x, gg_w, gg_b):
+        grad_y, x, weight = ctx.saved_tensors
+        stride, padding, _ = ctx.geometry
+        # grad_x = conv_transpose(grad_y, weight), grad_w = wgrad(x, grad_y), grad_b = sum grad_y: all bilinear
+        g_gy = None
+        if ctx.needs_input_grad[0]:
+            terms = [F.conv2d(gg_x, weight, None, stride, padding) if gg_x is not None else None,
+                     F.conv2d(x, gg_w, None, stride, padding) if gg_w is not None else None,
+                     _per_channel(gg_b, grad_y).expand_as(grad_y) if gg_b is not None else None]
+            terms = [t for t in terms if t is not None]
+            g_gy = sum(terms[1:], terms[0]) if terms else None
+        g_x = (_conv_backward(grad_y, x, gg_w, stride, padding, [True, False, False])[0]
+               if gg_w is not None and ctx.needs_input_grad[1] else None)
+        g_w = (_conv_backward(grad_y, gg_x, weight, stride, padding, [False, True, False])[1]
+               if gg_x is not None and ctx.needs_input_grad[2] else None)
+        return g_gy, g_x, g_w, None, None
+
+
+def _conv_backward(grad_y, x, weight, stride, padding, mask):
+    bias_sizes = [weight.shape[0]] if mask[2] else None
+    return torch.ops.aten.convolution_backward(grad_y, x, weight, bias_sizes, stride, padding, [1, 1], False, [0, 0],
+                                               1, mask)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with a switch for double backprop (GradSum, GradAlign): explicit_double_backward, in training
+    mode, runs _ConvTrain (the same gradients; the weight's second-order term by the weight-gradient kernel, and
+    no weight gradient in an input-gradient backward)."""
+
+    explicit_double_backward = False
+
+    def forward(self, x):
+        if not (self.training and self.explicit_double_backward and self._plain()):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # autocast's casts, once: the Function's inputs are then half already
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+        return _ConvTrain.apply(x, weight, bias, self.stride, self.padding)
+
+    def _plain(self):
+        """The geometry _ConvTrain handles (every convolution of these models)."""
+        return (self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str))
+
+
 class PreActBlock(nn.Module):
     """Pre-activation basic block; the projection shortcut (when the shape changes) sees the raw input x."""
 
     def __init__(self, in_planes, planes, stride):
         super().__init__()
         self.bn1 = BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(planes, planes, 3, 1, 1, bias=False)
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.shortcut = Conv2d(in_planes, planes, 1, stride, bias=False)
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
@@ -159,7 +261,7 @@ class PreActResNet(nn.Module):
     def __init__(self, blocks_per_stage, n_classes, in_channels, image_size, normalize=None, widths=STAGE_WIDTHS):
         super().__init__()
         self.normalize = normalize or nn.Identity()
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         in_planes = widths[0]
         for i, (planes, n_blocks) in enumerate(zip(widths, blocks_per_stage, strict=True)):
             strides = [1 if i == 0 else 2] + [1] * (n_blocks - 1)
@@ -184,7 +286,7 @@ class CNN(nn.Module):
         self.normalize = normalize or nn.Identity()
         convs = []
         for i in range(n_layers):
-            convs += [nn.Conv2d(in_channels if i == 0 else n_filters, n_filters, 3, 1, 1), nn.ReLU()]
+            convs += [Conv2d(in_channels if i == 0 else n_filters, n_filters, 3, 1, 1), nn.ReLU()]
         self.features = nn.Sequential(*convs)
         self.linear = nn.Linear(n_filters * image_size * image_size, n_classes)
 
@@ -225,3 +327,10 @@ def configure_batchnorm(model, float32_under_autocast=False, closed_form_double_
         if isinstance(m, BatchNorm2d):
             m.float32_under_autocast = float32_under_autocast
             m.closed_form_double_backward = closed_form_double_backward
+
+
+def configure_conv(model, explicit_double_backward=False):
+    """Set the double-backprop switch of every convolution of the model (see Conv2d)."""
+    for m in model.modules():
+        if isinstance(m, Conv2d):
+            m.explicit_double_backward = explicit_double_backward

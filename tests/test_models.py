@@ -1,5 +1,5 @@
 """The original's networks: parameter shapes and order, initialisation statistics, shortcut and head; BatchNorm's
-closed-form double backward and its precision under fp16 double backprop."""
+closed-form and the convolutions' explicit double backward, and their precision under fp16 double backprop."""
 import math
 import shlex
 
@@ -149,15 +149,36 @@ def test_closed_form_batchnorm_double_backward_matches_finite_differences(device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride,kernel,bias", [(1, 3, False), (2, 3, True), (2, 1, False)])
+def test_explicit_conv_double_backward_matches_finite_differences(device, channels_last, stride, kernel, bias):
+    """Gradients and gradients of gradients of _ConvTrain (input, weight, bias and the incoming gradient) against
+    finite differences, in float64: 3x3 and strided 1x1 shortcut geometries, an odd input size."""
+    torch.manual_seed(0)
+    kw = {"dtype": torch.float64, "device": device}
+    x = torch.randn(2, 3, 7, 7, **kw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = tuple(t.requires_grad_() for t in (x, torch.randn(4, 3, kernel, kernel, **kw),
+                                                *([torch.randn(4, **kw)] if bias else [])))
+    padding = kernel // 2
+    conv = lambda x, w, b=None: models._ConvTrain.apply(x, w, b, (stride, stride), (padding, padding))  # noqa: E731
+    assert torch.autograd.gradcheck(conv, inputs)
+    assert torch.autograd.gradgradcheck(conv, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("penalty", ["gradsum", "gradalign"])
-def test_closed_form_batchnorm_gives_autograds_regulariser_gradients_and_statistics(device, penalty):
-    """The regulariser's parameter gradient and BatchNorm's running statistics are autograd's, in float64."""
+def test_explicit_double_backwards_give_autograds_regulariser_gradients_and_statistics(device, penalty):
+    """The regulariser's parameter gradient and BatchNorm's running statistics with BatchNorm's closed form, the
+    convolutions' explicit double backward, or both, are autograd's, in float64."""
     x = torch.rand(16, 3, 8, 8, dtype=torch.float64, device=device)
     y = torch.randint(0, 10, (16,), device=device)
     results = []
-    for closed_form in (False, True):
+    for closed_form, explicit in ((False, False), (True, False), (False, True), (True, True)):
         model = small_resnet(dtype=torch.float64, device=device)
         models.configure_batchnorm(model, closed_form_double_backward=closed_form)
+        models.configure_conv(model, explicit_double_backward=explicit)
         torch.manual_seed(1)
         if penalty == "gradsum":
             loss = attacks.grad_sum_penalty(model, x, y, 8 / 255)
@@ -167,10 +188,37 @@ def test_closed_form_batchnorm_gives_autograds_regulariser_gradients_and_statist
         grads = torch.autograd.grad(loss, list(model.parameters()))
         buffers = [b.clone() for b in model.buffers()]
         results.append((torch.cat([g.flatten() for g in grads]), buffers))
-    (autograd, autograd_buffers), (closed, closed_buffers) = results
-    assert ((closed - autograd).norm() / autograd.norm()).item() < 1e-10
-    # running statistics: the same update (CUDA's two batch-norm kernels may round differently)
-    assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(autograd_buffers, closed_buffers, strict=True))
+    autograd, autograd_buffers = results[0]
+    for closed, closed_buffers in results[1:]:
+        assert ((closed - autograd).norm() / autograd.norm()).item() < 1e-10
+        # running statistics: the same update (CUDA's two batch-norm kernels may round differently)
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=0) for a, b in zip(autograd_buffers, closed_buffers,
+                                                                               strict=True))
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_explicit_conv_backward_computes_only_the_gradients_asked_for(monkeypatch, half):
+    """GradSum's inner backward asks for the input gradient only: no convolution computes a weight gradient there
+    (weights are leaves in fp32 and casts under autocast); the training loss's backward and an autograd.grad asking
+    for the weights compute them."""
+    model = small_resnet()
+    models.configure_conv(model, explicit_double_backward=True)
+    masks = []
+    real = models._conv_backward
+    monkeypatch.setattr(models, "_conv_backward", lambda *a: masks.append(a[-1]) or real(*a))
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+        delta = torch.zeros_like(x, requires_grad=True)
+        loss = F.cross_entropy(model(x + delta), y)
+    n_convs = sum(isinstance(m, models.Conv2d) for m in model.modules())
+    torch.autograd.grad(loss, delta, create_graph=True)
+    assert masks == [[True, False, False]] * n_convs
+    masks.clear()
+    torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    assert [m[1] for m in masks] == [True] * n_convs
+    masks.clear()
+    loss.backward()
+    assert masks == [[True, True, False]] * n_convs  # delta requires grad, so every input gradient too
 
 
 @pytest.mark.parametrize("flags", ["--grad_input_sum_coeff=10", "--grad_input_sum_coeff=10 --bn_float32",
@@ -184,7 +232,7 @@ def test_fp16_regularised_training_keeps_its_loss_scale_and_term(flags):
                                                         f"--half_prec --lr_max=0.01 {flags}"))
     args.device = torch.device("cpu")
     model = small_resnet()
-    config.configure_batchnorm_for(model, args)
+    config.configure_double_backward(model, args)
     opt = methods.build_optimizer(model, args)
     scale = 2.0**16
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
