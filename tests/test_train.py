@@ -27,6 +27,7 @@ VARIANTS = {  # edge cases beside the presets
     "gradalign_rs": "--attack=fgsm --attack_init=random --grad_align_cos_lambda=0.2",
     "gradalign_gradsum_fixed": f"{ZERO} --grad_align_cos_lambda=0.2 --grad_input_sum_coeff=1 --fix_gradsum",
     "gradsum_autograd_bn": "--preset=gradsum --model=resnet18 --lr_max=0.05 --bn_double_backward=autograd",
+    "gradalign_autograd_conv": "--preset=gradalign --conv_double_backward=autograd",
     "pgd2": "--attack=pgd --pgd_train_n_iters=2 --pgd_alpha_train=2 --attack_init=random",
     "pgd2_corner": "--attack=pgd_corner --pgd_train_n_iters=2 --pgd_alpha_train=2 --attack_init=zero",
     "pgd2_gradsum": "--attack=pgd --attack_init=zero --pgd_train_n_iters=2 --grad_input_sum_coeff=1",
@@ -143,6 +144,7 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--preset=gradsun", "--preset='gradsun'"),
     ("--preset", "--preset=''"),
     ("--bn_double_backward=cudnn", "--bn_double_backward='cudnn'"),
+    ("--conv_double_backward=cudnn", "--conv_double_backward='cudnn'"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_files(flags, named, tmp_path, tiny_data, capsys):
     code, run_dir = run_cli(flags, tmp_path, tiny_data)
