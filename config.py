@@ -301,14 +301,19 @@ def device_from_flag(name):
         raise UsageError(f"--device={name!r}: not available here ({str(err).splitlines()[0]})") from None
 
 
+def run_name(run_dir):
+    """A run directory's name (its last path component)."""
+    return os.path.basename(os.path.normpath(run_dir))
+
+
 def saved_models(ckpt):
     """{name: state dict} of the models a checkpoint holds: the last weights, the early-stopped and best-test ones."""
     return {"last": ckpt["model"], **{name: kept["state"] for name, kept in ckpt["kept"].items()}}
 
 
 def model_from_args(args, dataset):
-    """The run's network for this dataset, freshly initialised as the original does, its BatchNorm set up for
-    the run's double backprop."""
+    """The run's network for this dataset, freshly initialised as the original does, its BatchNorm and
+    convolutions set up for the run's double backprop."""
     mean_std = dataset.mean_std() if args.input_normalization == "dataset" else None
     model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
                         args.n_layers, args.n_filters_cnn)

@@ -104,7 +104,7 @@ class Regulariser:
     """A term added to the training loss as coefficient * term(model, x, y, radii, args, attack_grad, loss_scale).
 
     Everything else derives from this row: the coefficient flag and its check, the run name, the per-step
-    statistic and its health warning, and whether the double backprop needs BatchNorm's care."""
+    statistic and its health warning, and whether the double backprop needs the models' double-backward set-up."""
     name: str  # as in the paper and the log
     flag: str  # the coefficient's flag; 0 turns the term off
     tag: str  # its part of the run name (with the coefficient)

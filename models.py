@@ -109,19 +109,20 @@ def batchnorm_double_backward(a, a_w, a_b, gy, x, w, mean, invstd, gw, gb, eps=1
     sum_agy = bn_backward(a, gy, torch.zeros_like(mean), torch.ones_like(invstd), [False, True, False])[1]
     r, w32 = invstd.to(acc), w.to(acc)
     sum_a, sum_ah, sum_agy, gw, gb = (t.to(acc) for t in (sum_a, sum_ah, sum_agy, gw, gb))
-    if a_w is not None or a_b is not None:  # a loss on the parameter gradients themselves
-        a_w = torch.zeros_like(r) if a_w is None else a_w.to(acc)
-        a_b = torch.zeros_like(r) if a_b is None else a_b.to(acc)
-        g_gy = g_gy + ((x - ch(mean)) * ch(r * a_w) + ch(a_b)).to(g_gy.dtype)
-    else:
-        a_w = torch.zeros_like(r)
     g_w = r * (sum_agy - sum_a * gb / m - sum_ah * gw / m)
     # x enters through h and r (dr/dx = -r^2 h / M); gradient of L as a*a_coef + gy*gy_coef + h*h_coef + const
     wr2 = w32 * r * r
     a_coef = -wr2 * gw / m
-    gy_coef = -wr2 * sum_ah / m + a_w * r
-    h_coef = -wr2 * (sum_agy - sum_a * gb / m) / m + 3 * wr2 * sum_ah * gw / m**2 - a_w * r * gw / m
-    const = wr2 * (gw * sum_a + sum_ah * gb) / m**2 - a_w * r * gb / m
+    gy_coef = -wr2 * sum_ah / m
+    h_coef = -wr2 * (sum_agy - sum_a * gb / m) / m + 3 * wr2 * sum_ah * gw / m**2
+    const = wr2 * (gw * sum_a + sum_ah * gb) / m**2
+    if a_w is not None or a_b is not None:  # a loss on the parameter gradients themselves
+        a_w = torch.zeros_like(r) if a_w is None else a_w.to(acc)
+        a_b = torch.zeros_like(r) if a_b is None else a_b.to(acc)
+        g_gy = g_gy + ((x - ch(mean)) * ch(r * a_w) + ch(a_b)).to(g_gy.dtype)
+        gy_coef = gy_coef + a_w * r
+        h_coef = h_coef - a_w * r * gw / m
+        const = const - a_w * r * gb / m
     # h h_coef + const = x (r h_coef) + (const - mean r h_coef); each product read from the half tensor in fp32
     g_x = torch.addcmul(ch(const - mean.to(acc) * r * h_coef), x, ch(r * h_coef))
     g_x.addcmul_(a, ch(a_coef)).addcmul_(gy, ch(gy_coef))
@@ -159,7 +160,7 @@ class _ConvTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
         ctx.save_for_backward(x, weight)
-        ctx.geometry = stride, padding, bias is not None
+        ctx.geometry = stride, padding
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
@@ -176,17 +177,16 @@ class _ConvBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_y, x, weight, geometry, mask):
-        stride, padding, has_bias = geometry
         ctx.save_for_backward(grad_y, x, weight)
         ctx.geometry = geometry
         ctx.set_materialize_grads(False)
-        return _conv_backward(grad_y, x, weight, stride, padding, [mask[0], mask[1], mask[2] and has_bias])
+        return _conv_backward(grad_y, x, weight, *geometry, mask)  # mask[2] is False without a bias
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gg_x, gg_w, gg_b):
         grad_y, x, weight = ctx.saved_tensors
-        stride, padding, _ = ctx.geometry
+        stride, padding = ctx.geometry
         # grad_x = conv_transpose(grad_y, weight), grad_w = wgrad(x, grad_y), grad_b = sum grad_y: all bilinear
         g_gy = None
         if ctx.needs_input_grad[0]:

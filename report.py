@@ -239,22 +239,18 @@ def main(argv=None):
     return 0
 
 
-def run_name(run_dir):
-    return os.path.basename(os.path.normpath(run_dir))
-
-
 def write_plots(run_dirs, folder):
     os.makedirs(folder, exist_ok=True)
     last_sweeps, eps = {}, None
     for key, runs in group_runs(run_dirs).items():
         dirs = [run[0] for run in runs]
         for d in dirs:
-            plot_curves([d], os.path.join(d, "curves.png"), run_name(d))
+            plot_curves([d], os.path.join(d, "curves.png"), config.run_name(d))
             found = fgsm_sweep(d)
             if found:
                 sweeps, eps = found
                 plot_fgsm_sweeps({m: [s] for m, s in sweeps.items()}, eps, os.path.join(d, "fgsm_sweep.png"),
-                                 f"FGSM step sweep: {run_name(d)}")
+                                 f"FGSM step sweep: {config.run_name(d)}")
                 if "last" in sweeps:
                     last_sweeps.setdefault(group_name(key), []).append(sweeps["last"])
         path = os.path.join(folder, group_name(key) + ".png")
@@ -269,10 +265,9 @@ def write_plots(run_dirs, folder):
 def write_filters(run_dirs, folder=None):
     """RUN/filters.png for each run, and DIR/<run name>-filters.png with --plots DIR."""
     for d in run_dirs:
-        ckpt = config.load_checkpoint(d, "--filters")
-        paths = [os.path.join(d, "filters.png")] + ([os.path.join(folder, f"{run_name(d)}-filters.png")] if folder
-                                                    else [])
-        plot_filters(ckpt, paths[0], f"first-layer filters: {run_name(d)}")
+        ckpt, name = config.load_checkpoint(d, "--filters"), config.run_name(d)
+        paths = [os.path.join(d, "filters.png")] + ([os.path.join(folder, f"{name}-filters.png")] if folder else [])
+        plot_filters(ckpt, paths[0], f"first-layer filters: {name}")
         for path in paths[1:]:
             shutil.copyfile(paths[0], path)
         print("".join(f"plot: {path}\n" for path in paths), end="")

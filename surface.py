@@ -123,7 +123,7 @@ def draw_surfaces(saved, name, xs, ys, opts):
     for i, (x, y) in enumerate(zip(xs.to(saved.device), ys.to(saved.device), strict=True)):
         u, v = plane(saved.model, x, y, opts.eps / 255, generator)
         loss, pred = loss_surface(saved.model, x, y, u, v, coords.to(saved.device), opts.batch_size, opts.clip)
-        title = (f"{os.path.basename(os.path.normpath(opts.run))}, {name} model, test image {i} "
+        title = (f"{config.run_name(opts.run)}, {name} model, test image {i} "
                  f"({saved.dataset.classes[int(y)]}), eps {opts.eps:g}/255")
         path = os.path.join(opts.out, f"{name}-image{i}.png")
         plot(coords, loss, pred, linf_in_units(u, v, coords), int(y), saved.dataset.classes, title, path)
