@@ -2,11 +2,11 @@
 
 Prints (1) the time of one training iteration of each method as a ratio to a plain (no attack) iteration, on the
 same model, batch, data, precision and memory format, methods interleaved round by round (the regularisers also
-with autograd's BatchNorm double backward, and under --half_prec with BatchNorm in fp32); (2) the
-throughput of the final PGD-50-10 evaluation (the original protocol), images/s, with and without skipping the
-examples whose kept loss already exceeds ln(K), with both accuracies; (3) the share of wall time that periodic
-evaluation takes with the README flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (4) the
-data pipeline.
+with autograd's double backwards, and under --half_prec with BatchNorm in fp32); (2) the number of operators (each
+at least one kernel launch on a GPU) in one iteration of each; (3) the throughput of the final PGD-50-10
+evaluation (the original protocol), images/s, with and without skipping the examples whose kept loss already
+exceeds ln(K), with both accuracies; (4) the share of wall time that periodic evaluation takes with the README
+flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (5) the data pipeline.
 
     python bench.py                                   # CPU: PreActResNet-18, batch 32, random weights
     python bench.py --run runs/X                      # a trained run's model on its test images
@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # what torch.utils.flop_counter builds on
 
 import config
 import data
@@ -52,6 +53,8 @@ HALF_PREC_METHODS = {  # added under --half_prec
     "FGSM+GradSum, fp32 BN": "--preset=gradsum --bn_float32",
     "FGSM+GradAlign, fp32 BN": "--preset=gradalign --bn_float32",
 }
+ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")  # no kernel runs
+SECTIONS = ("methods", "ops", "eval", "data")
 README_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "attack_iters": 50, "n_restarts": 10}
 
 
@@ -93,6 +96,35 @@ def bench_methods(model, x, y, eps, base_flags, device, n_iters, rounds, presets
         for name, setup in setups.items():
             times[name].append(time_iterations(model, setup, x, y, eps, n_iters))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators that do work (views and bare allocations apart, and what returns no tensor): on a
+    GPU each launches at least one kernel, and a step of many small ones is bound by the host's launch time."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        returns_tensor = any(isinstance(t, torch.Tensor) for t in (out if isinstance(out, (tuple, list)) else [out]))
+        self.n += returns_tensor and not func.is_view and name not in ALLOCATIONS
+        return out
+
+
+def count_operators(model, x, y, eps, base_flags, device, presets):
+    """Operators per training iteration of each preset, counted on a second iteration (the first also creates
+    the optimiser's state)."""
+    counts = {}
+    for name, flags in presets.items():
+        setup = training_setup(model, method_args(flags, base_flags, device))
+        time_iterations(model, setup, x, y, eps, 1)
+        with OperatorCount() as count:
+            time_iterations(model, setup, x, y, eps, 1)
+        counts[name] = count.n
+    return counts
 
 
 def training_setup(model, args):
@@ -196,7 +228,7 @@ def build_parser():
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
     p.add_argument("--batch_size_eval", type=int, default=256)
-    p.add_argument("--sections", default="methods,eval,data", help="comma-separated: methods, eval, data")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
     p.add_argument("--profile", metavar="METHOD", help="instead: torch.profiler's table of one iteration of this "
                    f"method (one of: {', '.join(METHODS)}; under --half_prec also {', '.join(HALF_PREC_METHODS)})")
     return p
@@ -206,6 +238,12 @@ def print_methods(times):
     print("\n| method | ms / iteration | × plain |\n|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {1000 * t:.1f} | {t / times['none']:.2f} |")
+
+
+def print_operators(counts, device):
+    print(f"\n| method | operators / iteration ({device.type}) | × plain |\n|---|---|---|")
+    for name, n in counts.items():
+        print(f"| {name} | {n} | {n / counts['none']:.2f} |")
 
 
 def print_eval(model, x, y, eps, times, opts, base, device):
@@ -236,6 +274,9 @@ def print_eval(model, x, y, eps, times, opts, base, device):
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     sections = opts.sections.split(",")
+    if not set(sections) <= set(SECTIONS):
+        raise SystemExit(f"bench.py: error: --sections={opts.sections!r}: give a comma-separated list of "
+                         f"{', '.join(SECTIONS)}")
     device = utils.choose_device(opts.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
@@ -257,12 +298,14 @@ def main(argv=None):
         for row in bench_data_pipeline(device, opts.batch_size, opts.n_iters):
             print("| {} | {} | {} | {:.0f} | {:.1f} | {:.2f}% |".format(*row[:5], 100 * row[4] / row[3]))
     times = {}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = model, x[:opts.batch_size], y[:opts.batch_size], eps
     if "methods" in sections:
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        times = bench_methods(model, x[:opts.batch_size], y[:opts.batch_size], eps, base, device, opts.n_iters,
-                              opts.rounds, presets)
-        model.load_state_dict(state)  # the evaluation sees the given weights, not the benchmark's updates
+        times = bench_methods(*batch, base, device, opts.n_iters, opts.rounds, presets)
         print_methods(times)
+    if "ops" in sections:
+        print_operators(count_operators(*batch, base, device, presets), device)
+    model.load_state_dict(state)  # the evaluation sees the given weights, not the training steps' updates
     if "eval" in sections:
         print_eval(model, x, y, eps, times, opts, base, device)
 

@@ -92,40 +92,44 @@ def batchnorm_double_backward(a, a_w, a_b, gy, x, w, mean, invstd, gw, gb, eps=1
     """Gradients with respect to (grad_y, x, weight) of L = <a, grad_x> + <a_w, grad_w> + <a_b, grad_b>, where
     (grad_x, grad_w, grad_b) is training-mode batch norm's backward of grad_y at x, in closed form.
 
-    With h = (x - mean) * invstd, r = invstd, M points per channel and sums over each channel's points:
-      grad_b = sum gy,  grad_w = sum gy h,  grad_x = w r (gy - grad_b / M - h grad_w / M).
-    grad_y enters all three linearly, so its gradient is batch norm's own backward of a (plus the a_w, a_b terms).
+    With h = (x - mean) * invstd, r = invstd, and per-channel means over the M points of each channel written
+    <.> (grad_b = M <gy>, grad_w = M <gy h>):
+      grad_x = w r (gy - <gy> - h <gy h>).
+    grad_y enters linearly, so its gradient is batch norm's own backward of a (plus the a_w, a_b terms). With
+    e = <a gy> - <a><gy> - <a h><gy h>,
+      dL/dweight = M r e,   dL/dx = k_0 - k_h h - k_a a - k_gy gy,
+    k_h = w r^2 (e - 2 <a h><gy h>), k_0 = w r^2 (<a><gy h> + <a h><gy>), k_a = w r^2 <gy h>, k_gy = w r^2 <a h>.
     Sums and per-point arithmetic in fp32 at least, read from the half tensors directly (in fp16 the sums overflow
     at a loss scale); the passes over the activations: two of PyTorch's batch-norm backward kernels and four
-    elementwise ones."""
+    elementwise ones (the last the cast back to x's dtype). The per-channel arithmetic is stacked into few
+    operators (22 operators in all, in fp32): each launch costs more host time than its arithmetic on C numbers."""
     acc = torch.promote_types(x.dtype, torch.float32)
     m = x.numel() / x.shape[1]
     ch = lambda t: _per_channel(t, x)  # noqa: E731
     bn_backward = lambda g, inp, mu, r, mask: torch.ops.aten.native_batch_norm_backward(  # noqa: E731
         g, inp, w, None, None, mu, r, True, eps, mask)
-    # g_gy = w r (a - sum_a / M - h sum_ah / M), with sum_ah = sum a h and sum_a = sum a (fused, fp32 sums)
+    # g_gy = w r (a - <a> - h <a h>); the same call's fp32 sums give <a h> and <a>
     g_gy, sum_ah, sum_a = bn_backward(a, x, mean, invstd, [True, True, True])
     # sum a gy: the same kernel's weight gradient with mean 0 and invstd 1
     sum_agy = bn_backward(a, gy, torch.zeros_like(mean), torch.ones_like(invstd), [False, True, False])[1]
-    r, w32 = invstd.to(acc), w.to(acc)
-    sum_a, sum_ah, sum_agy, gw, gb = (t.to(acc) for t in (sum_a, sum_ah, sum_agy, gw, gb))
-    g_w = r * (sum_agy - sum_a * gb / m - sum_ah * gw / m)
-    # x enters through h and r (dr/dx = -r^2 h / M); gradient of L as a*a_coef + gy*gy_coef + h*h_coef + const
-    wr2 = w32 * r * r
-    a_coef = -wr2 * gw / m
-    gy_coef = -wr2 * sum_ah / m
-    h_coef = -wr2 * (sum_agy - sum_a * gb / m) / m + 3 * wr2 * sum_ah * gw / m**2
-    const = wr2 * (gw * sum_a + sum_ah * gb) / m**2
+    m_a, m_ah, m_agy, m_gy, m_gyh = torch.stack([sum_a, sum_ah, sum_agy, gb, gw]).to(acc).div_(m)
+    r = invstd.to(acc)
+    e = torch.addcmul(m_agy, m_a, m_gy, value=-1).addcmul_(m_ah, m_gyh, value=-1)
+    g_w = e * (r * m)
+    # x enters through h and through r (dr/dx = -r^2 h / M)
+    k = torch.stack([torch.addcmul(e, m_ah, m_gyh, value=-2), torch.addcmul(m_a * m_gyh, m_ah, m_gy), m_gyh, m_ah])
+    k = k * (w.to(acc) * r * r)
     if a_w is not None or a_b is not None:  # a loss on the parameter gradients themselves
         a_w = torch.zeros_like(r) if a_w is None else a_w.to(acc)
         a_b = torch.zeros_like(r) if a_b is None else a_b.to(acc)
         g_gy = g_gy + ((x - ch(mean)) * ch(r * a_w) + ch(a_b)).to(g_gy.dtype)
-        gy_coef = gy_coef + a_w * r
-        h_coef = h_coef - a_w * r * gw / m
-        const = const - a_w * r * gb / m
-    # h h_coef + const = x (r h_coef) + (const - mean r h_coef); each product read from the half tensor in fp32
-    g_x = torch.addcmul(ch(const - mean.to(acc) * r * h_coef), x, ch(r * h_coef))
-    g_x.addcmul_(a, ch(a_coef)).addcmul_(gy, ch(gy_coef))
+        ra_w = r * a_w
+        k = k + torch.stack([ra_w * m_gyh, -ra_w * m_gy, torch.zeros_like(r), -ra_w])
+    k_h, k_0, k_a, k_gy = k.unbind()
+    # k_0 - k_h h = (k_0 + mean r k_h) - x (r k_h): each product read from the half tensor in fp32
+    rk_h = r * k_h
+    g_x = torch.addcmul(ch(torch.addcmul(k_0, mean.to(acc), rk_h)), x, ch(rk_h), value=-1)
+    g_x.addcmul_(a, ch(k_a), value=-1).addcmul_(gy, ch(k_gy), value=-1)
     return g_gy, g_x.to(x.dtype), g_w.to(w.dtype)
 
 

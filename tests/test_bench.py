@@ -1,14 +1,34 @@
-"""bench.py runs end to end at toy size and prints every section (its figures are not checked: timings vary)."""
+"""bench.py runs end to end at toy size and prints every section (its timings are not checked: they vary); its
+operator count counts what it says."""
+import pytest
+import torch
+
 import bench
 
 
 def test_benchmark_prints_every_method_and_both_evaluation_modes(capsys):
     bench.main(["--device=cpu", "--model=cnn", "--n_filters=4", "--image_size=8", "--batch_size=8", "--n_iters=1",
-                "--rounds=1", "--eval_points=8", "--batch_size_eval=8", "--sections=methods,eval", "--half_prec",
+                "--rounds=1", "--eval_points=8", "--batch_size_eval=8", "--sections=methods,ops,eval", "--half_prec",
                 "--amp_dtype=bfloat16", "--channels_last"])
     out = capsys.readouterr().out
     for name in bench.METHODS:
-        assert f"| {name} |" in out
+        assert out.count(f"| {name} |") == 2  # a time and an operator count
     assert "| every restart on every example |" in out and "| skip examples whose loss > ln K |" in out
     assert "device cpu" in out and "torch " in out
     assert "share of wall time" in out
+
+
+def test_operator_count_skips_views_allocations_and_non_tensors():
+    x = torch.ones(2, 3)
+    with bench.OperatorCount() as count:
+        y = (x + 1).view(-1)  # add: 1; view: 0
+        torch.empty(4)  # 0
+        torch.promote_types(torch.float16, torch.float32)  # no tensor: 0
+        torch.ops.aten.native_batch_norm(x[None], None, None, None, None, True, 0.1, 1e-5)  # 3 outputs: 1
+        (y * 2).sum()  # mul, sum: 2
+    assert count.n == 4
+
+
+def test_bad_section_exits_with_one_line(capsys):
+    with pytest.raises(SystemExit, match="--sections='method'"):
+        bench.main(["--device=cpu", "--sections=method"])
