@@ -1,4 +1,5 @@
-"""Evaluate the saved models of a run: clean accuracy, PGD-k-r, an FGSM step-size sweep, AutoAttack.
+"""Evaluate the saved models of a run: clean accuracy, PGD-k-r, an FGSM step-size sweep, AutoAttack, and the worst
+case over those attacks within the eps-ball.
 
     python eval.py runs/RUN                                  # clean and PGD-50-10 (step 1/255) of every saved model
     python eval.py runs/RUN --fgsm_sweep 1 2 3 4 5 6 7 8 9 10 11 12 --autoattack --n_points 1000
@@ -31,35 +32,54 @@ def autoattack_stats(model, eps, n_classes, seed):
     return lambda x, y: {"autoattack": utils.clean_correct(model, attack(x, y), y)}
 
 
-def fgsm_accuracy(model, x_u8, y, eps, step, batch_size, projected=False):
-    """Accuracy under FGSM from zero with `step`; past eps the step is unprojected unless `projected`."""
+def fgsm_correct(model, x_u8, y, eps, step, batch_size, projected=False):
+    """Per-example correctness under FGSM from zero with `step`; past eps the step is unprojected unless
+    `projected`."""
     radius = eps if projected else max(eps, step)
-    stats = evaluation.fgsm_stats(model, step, radius)
-    return evaluation.fractions(stats, ("fgsm",), evaluation.batches(x_u8, y, batch_size, f"FGSM step "
-                                                                     f"{255 * step:g}"))[0]["fgsm"]
+    return correct_masks(evaluation.fgsm_stats(model, step, radius), ("fgsm",),
+                         evaluation.batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))["fgsm"]
+
+
+def correct_masks(stats_fn, keys, batches):
+    """{key: stats_fn's per-example correctness over all batches, one bool tensor on the CPU}."""
+    parts = {key: [] for key in keys}
+    for x, y in batches:
+        values = stats_fn(x, y)
+        for key in keys:
+            parts[key].append(values[key].bool().cpu())
+    return {key: torch.cat(masks) for key, masks in parts.items()}
 
 
 def evaluate(model, x_u8, y, eps_px, opts, n_classes):
-    """One result dict for the eval-mode model; accuracies are fractions."""
+    """One result dict for the eval-mode model; accuracies are fractions. Where two or more attacks within the
+    eps-ball ran (PGD under the strict rule, AutoAttack, FGSM steps up to eps or projected), 'worst_case_acc'
+    counts the examples that withstand every one of them, as AutoAttack scores its own attacks."""
     model.eval()
     eps = eps_px / 255
-    run = lambda stats, keys, desc: evaluation.fractions(  # noqa: E731
-        stats, keys, evaluation.batches(x_u8, y, opts.batch_size, desc))[0]
-    result = {"clean_acc": run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
+    run = lambda stats, keys, desc: correct_masks(  # noqa: E731
+        stats, keys, evaluation.batches(x_u8, y, opts.batch_size, desc))
+    masks = {"clean_acc": run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
+    in_ball = []
     if opts.pgd:
         torch.manual_seed(opts.seed)
         iters, restarts = opts.pgd
-        accs = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255), ("pgd", "pgd_any"),
-                   f"PGD-{iters}-{restarts}")
-        result[f"pgd{iters}_{restarts}_acc"] = accs["pgd"]
-        result[f"pgd{iters}_{restarts}_any_acc"] = accs["pgd_any"]
+        pgd = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255), ("pgd", "pgd_any"),
+                  f"PGD-{iters}-{restarts}")
+        masks[f"pgd{iters}_{restarts}_acc"] = pgd["pgd"]
+        masks[f"pgd{iters}_{restarts}_any_acc"] = pgd["pgd_any"]
+        in_ball.append(pgd["pgd_any"])
     for step_px in opts.fgsm_sweep or ():
-        result[evaluation.fgsm_step_key(step_px)] = fgsm_accuracy(model, x_u8, y, eps, step_px / 255, opts.batch_size,
-                                                           opts.fgsm_sweep_projected)
+        key = evaluation.fgsm_step_key(step_px)
+        masks[key] = fgsm_correct(model, x_u8, y, eps, step_px / 255, opts.batch_size, opts.fgsm_sweep_projected)
+        if opts.fgsm_sweep_projected or step_px <= eps_px:
+            in_ball.append(masks[key])
     if opts.autoattack:
-        result["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, opts.seed), ("autoattack",),
-                                       "AutoAttack")["autoattack"]
-    return result
+        masks["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, opts.seed), ("autoattack",),
+                                      "AutoAttack")["autoattack"]
+        in_ball.append(masks["autoattack_acc"])
+    if len(in_ball) > 1:
+        masks["worst_case_acc"] = torch.stack(in_ball).all(0)
+    return {key: mask.sum().item() / len(mask) for key, mask in masks.items()}
 
 
 def build_parser():
@@ -80,6 +100,8 @@ def build_parser():
 
 def prepare(argv):
     opts = build_parser().parse_args(argv)
+    if opts.n_points == 0 or opts.n_points < -1:
+        raise UsageError(f"--n_points={opts.n_points}: give a positive number of test points, or -1 for all")
     if opts.pgd == [0, 0]:
         opts.pgd = None
     elif min(opts.pgd) < 1:

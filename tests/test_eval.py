@@ -45,12 +45,34 @@ def test_fgsm_sweep_matches_closed_form_of_two_class_linear_model(step_px):
     with torch.no_grad():
         y = model(x).argmax(1)
     eps = 4 / 255
-    acc = evaluation.fgsm_accuracy(model, x_u8, y, eps, step_px / 255, batch_size=16)
+    acc = evaluation.fgsm_correct(model, x_u8, y, eps, step_px / 255, batch_size=16).double().mean().item()
     expected = linear_robust(model, x, y, step_px / 255).float().mean().item()  # FGSM is exact for 2 classes
     assert 0 < expected < 1 or step_px == 1
     assert acc == pytest.approx(expected)
-    projected = evaluation.fgsm_accuracy(model, x_u8, y, eps, step_px / 255, batch_size=16, projected=True)
+    projected = evaluation.fgsm_correct(model, x_u8, y, eps, step_px / 255, batch_size=16,
+                                        projected=True).double().mean().item()
     assert projected == pytest.approx(linear_robust(model, x, y, min(step_px, 4) / 255).float().mean().item())
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_worst_case_counts_attacks_within_the_ball(projected):
+    """Two classes, eps 4: PGD (sign steps reach the ball's corner) and FGSM step 2 stay within the ball, and PGD
+    is exact, so the worst case is the exact robust accuracy at radius 4; the unprojected FGSM step 12 reaches
+    radius 12 and must not count, while projected it stays at 4."""
+    model, x_u8 = linear(2), interior_images()
+    x = x_u8.float() / 255
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    argv = ["RUN", "--pgd", "10", "1", "--fgsm_sweep", "2", "12"] + ["--fgsm_sweep_projected"] * projected
+    result = evaluation.evaluate(model, x_u8, y, 4, evaluation.build_parser().parse_args(argv), n_classes=2)
+    exact = {r: linear_robust(model, x, y, r / 255).double().mean().item() for r in (2, 4, 12)}
+    assert exact[12] < exact[4] < exact[2]
+    assert result["pgd10_1_any_acc"] == pytest.approx(exact[4]) and result["fgsm_step2_acc"] == pytest.approx(exact[2])
+    assert result["fgsm_step12_acc"] == pytest.approx(exact[4 if projected else 12])
+    assert result["worst_case_acc"] == pytest.approx(exact[4])
+    only_fgsm = evaluation.build_parser().parse_args(["RUN", "--pgd", "0", "0", "--fgsm_sweep", "12"])
+    only_fgsm.pgd = None  # as prepare() reads "0 0"
+    assert "worst_case_acc" not in evaluation.evaluate(model, x_u8, y, 4, only_fgsm, n_classes=2)
 
 
 def test_autoattack_finds_the_exact_linear_worst_case():
@@ -76,8 +98,10 @@ def test_eval_command_line_on_a_finished_run(tmp_path, tiny_data, capsys):
     result = json.load(open(tmp_path / "run" / written))
     assert list(result["models"]) == ["last", "early_stopped", "best_test"] and result["n_points"] == 16
     for r in result["models"].values():
-        assert set(r) == {"clean_acc", "pgd3_2_acc", "pgd3_2_any_acc", "fgsm_step1_acc", "fgsm_step4_acc"}
+        assert set(r) == {"clean_acc", "pgd3_2_acc", "pgd3_2_any_acc", "fgsm_step1_acc", "fgsm_step4_acc",
+                          "worst_case_acc"}
         assert r["pgd3_2_any_acc"] <= min(r["pgd3_2_acc"], r["clean_acc"])
+        assert r["worst_case_acc"] <= min(r["pgd3_2_any_acc"], r["fgsm_step1_acc"], r["fgsm_step4_acc"])
     assert "| last |" in out
     # the sweep equals separate evaluations, one step each
     capsys.readouterr()
@@ -94,5 +118,6 @@ def test_eval_command_line_on_a_finished_run(tmp_path, tiny_data, capsys):
 def test_eval_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert evaluation.main([str(tmp_path / "missing")]) == 2
     assert evaluation.main([str(tmp_path), "--models", "best"]) == 2
+    assert evaluation.main([str(tmp_path), "--n_points", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "RUN_DIR" in err[0] and "--models='best'" in err[1]
+    assert len(err) == 3 and "RUN_DIR" in err[0] and "--models='best'" in err[1] and "--n_points=0" in err[2]
