@@ -53,7 +53,8 @@ def correct_masks(stats_fn, keys, batches):
 def evaluate(model, x_u8, y, eps_px, opts, n_classes):
     """One result dict for the eval-mode model; accuracies are fractions. Where two or more attacks within the
     eps-ball ran (PGD under the strict rule, AutoAttack, FGSM steps up to eps or projected), 'worst_case_acc'
-    counts the examples that withstand every one of them, as AutoAttack scores its own attacks."""
+    counts the examples classified correctly that withstand every one of them, as AutoAttack scores its own
+    attacks."""
     model.eval()
     eps = eps_px / 255
     run = lambda stats, keys, desc: correct_masks(  # noqa: E731
@@ -78,7 +79,7 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
                                       "AutoAttack")["autoattack"]
         in_ball.append(masks["autoattack_acc"])
     if len(in_ball) > 1:
-        masks["worst_case_acc"] = torch.stack(in_ball).all(0)
+        masks["worst_case_acc"] = torch.stack([masks["clean_acc"], *in_ball]).all(0)  # the clean point is in it too
     return {key: mask.sum().item() / len(mask) for key, mask in masks.items()}
 
 
