@@ -55,6 +55,7 @@ HALF_PREC_METHODS = {  # added under --half_prec
 }
 ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")  # no kernel runs
 SECTIONS = ("methods", "ops", "eval", "data")
+WARMUP_ITERS = 2  # the first creates the optimiser's state; under --cuda_graph the second captures the graph
 README_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "attack_iters": 50, "n_restarts": 10}
 
 
@@ -75,22 +76,22 @@ def radii(eps):
 
 def time_iterations(model, setup, x, y, eps, n_iters):
     """Seconds per training iteration, over n_iters iterations."""
-    opt, scaler, autocast, args = setup
+    step, args = setup
     config.configure_double_backward(model, args)
     sync(x.device)
     start = time.perf_counter()
     for _ in range(n_iters):
-        methods.train_step(model, opt, scaler, autocast, x, y, radii(eps), args)
+        step(x, y, radii(eps))
     sync(x.device)
     return (time.perf_counter() - start) / n_iters
 
 
 def bench_methods(model, x, y, eps, base_flags, device, n_iters, rounds, presets):
-    """Median seconds per iteration of each preset; one warm-up iteration each, then interleaved rounds."""
+    """Median seconds per iteration of each preset; warm-up iterations each, then interleaved rounds."""
     setups = {}
     for name, flags in presets.items():
         setups[name] = training_setup(model, method_args(flags, base_flags, device))
-        time_iterations(model, setups[name], x, y, eps, 1)
+        time_iterations(model, setups[name], x, y, eps, WARMUP_ITERS)
     times = {name: [] for name in presets}
     for _ in range(rounds):
         for name, setup in setups.items():
@@ -115,12 +116,12 @@ class OperatorCount(TorchDispatchMode):
 
 
 def count_operators(model, x, y, eps, base_flags, device, presets):
-    """Operators per training iteration of each preset, counted on a second iteration (the first also creates
-    the optimiser's state)."""
+    """Operators per training iteration of each preset, counted after the warm-up iterations (a graph's replay
+    counts none)."""
     counts = {}
     for name, flags in presets.items():
         setup = training_setup(model, method_args(flags, base_flags, device))
-        time_iterations(model, setup, x, y, eps, 1)
+        time_iterations(model, setup, x, y, eps, WARMUP_ITERS)
         with OperatorCount() as count:
             time_iterations(model, setup, x, y, eps, 1)
         counts[name] = count.n
@@ -128,16 +129,19 @@ def count_operators(model, x, y, eps, base_flags, device, presets):
 
 
 def training_setup(model, args):
-    """(optimiser, loss scaler, autocast context, args), as train.py builds them."""
+    """(the training iteration as a function of x, y and the radii, args), as train.py builds it."""
     fp16 = args.half_prec and args.amp_dtype == "float16"
-    return (methods.build_optimizer(model, args), torch.amp.GradScaler(args.device.type, enabled=fp16),
-            methods.autocast_context(args), args)
+    parts = (methods.build_optimizer(model, args), torch.amp.GradScaler(args.device.type, enabled=fp16),
+             methods.autocast_context(args))
+    if args.cuda_graph:
+        return methods.GraphedSteps(model, *parts, args), args
+    return (lambda x, y, r: methods.train_step(model, *parts, x, y, r, args)), args
 
 
 def profile_method(model, x, y, eps, args, n_rows=25):
-    """torch.profiler's table of the operators and kernels of one training iteration, after two warm-up ones."""
+    """torch.profiler's table of the operators and kernels of one training iteration, after the warm-up ones."""
     setup = training_setup(model, args)
-    time_iterations(model, setup, x, y, eps, 2)
+    time_iterations(model, setup, x, y, eps, WARMUP_ITERS)
     cuda = x.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
     with torch.profiler.profile(activities=activities) as prof:
@@ -178,7 +182,7 @@ def bench_data_pipeline(device, batch_size, n_iters):
         model = build_model(model_name, n_classes, 3, size).to(device)
         setup = training_setup(model, method_args("", f"--model={model_name} --eps=8", device))
         xb, yb = x_u8[:batch_size].float() / 255, y[:batch_size]
-        time_iterations(model, setup, xb, yb, 8 / 255, 1)  # warm-up
+        time_iterations(model, setup, xb, yb, 8 / 255, WARMUP_ITERS)
         step = batch_size / time_iterations(model, setup, xb, yb, 8 / 255, n_iters)
         rows.append((name, model_name, size, pipeline, step))
     return rows
@@ -205,6 +209,7 @@ def load_inputs(opts, device):
         base = f"--model={opts.model} --n_layers={opts.n_layers} --n_filters_cnn={opts.n_filters} --eps={opts.eps:g}"
         eps_px = opts.eps
     precision = f" --half_prec --amp_dtype={opts.amp_dtype}" if opts.half_prec else ""
+    precision += " --cuda_graph" if opts.cuda_graph else ""
     model = model.to(device)
     if opts.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -224,6 +229,8 @@ def build_parser():
     p.add_argument("--half_prec", action="store_true", help="train steps under autocast (evaluation stays fp32)")
     p.add_argument("--amp_dtype", default="float16", choices=config.AMP_DTYPES)
     p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--cuda_graph", action="store_true", help="on a CUDA device: training iterations replayed from "
+                   "CUDA graphs, as train.py --cuda_graph")
     p.add_argument("--n_iters", type=int, default=3, help="iterations per method per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
@@ -278,6 +285,8 @@ def main(argv=None):
         raise SystemExit(f"bench.py: error: --sections={opts.sections!r}: give a comma-separated list of "
                          f"{', '.join(SECTIONS)}")
     device = utils.choose_device(opts.device)
+    if opts.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"bench.py: error: --cuda_graph needs a CUDA device, and --device gives {device}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
     model, x, y, eps_px, base = load_inputs(opts, device)

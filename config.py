@@ -142,6 +142,8 @@ def build_parser(description=None):
       "explicit (the same gradients; the weight's term by the weight-gradient kernel, no weight gradient in the "
       "input-gradient backward) or autograd (PyTorch's generic one)")
     g("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    g("--cuda_graph", action="store_true", help="on one CUDA GPU: replay each training iteration from a CUDA graph "
+      "(the same computation without the host's launch time; other random draws; not with Free-AT or --compile)")
     g("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign)")
     g("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics")
     g("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -191,6 +193,8 @@ def check_args(args, n_procs=1):
          "computed); add --fix_gradsum to train with both terms")
     need(not (args.compile and uses_double_backprop(args)), "compile",
          "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
+    need(not args.cuda_graph or (n_procs == 1 and args.minibatch_replay == 1 and not args.compile), "cuda_graph",
+         "one process, no --minibatch_replay (Free-AT carries its perturbation) and no --compile")
     need(args.batch_size % n_procs == 0, "batch_size", f"the global batch must split evenly over {n_procs} processes")
     need(args.run_name is None or RUN_NAME_PATTERN.match(args.run_name), "run_name",
          "use letters, digits, '.', '_' and '-' only")

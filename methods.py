@@ -162,19 +162,83 @@ def train_step(model, opt, scaler, autocast, x, y, radii, args, carried=None, ne
     net is the model wrapped for data-parallel training (DDP): the training loss goes through it, so its backward
     averages the gradients (the regularisers' included) over processes; attacks use the bare model.
     """
+    if not update:
+        with autocast:
+            return losses(model, x, y, radii, args, scaler.scale(torch.ones((), device=x.device)), carried, net)[1:]
+    opt.zero_grad(set_to_none=True)
+    stats, delta = forward_backward(model, scaler, autocast, x, y, radii, args, carried, net)
+    optimiser_step(model, opt, scaler, args)
+    return stats, delta
+
+
+def forward_backward(model, scaler, autocast, x, y, radii, args, carried=None, net=None):
+    """The losses and the loss-scaled backward into the parameters' .grad: (statistics, perturbation)."""
     loss_scale = scaler.scale(torch.ones((), device=x.device))  # a tensor: reading it would sync
     with autocast:
         total, stats, delta = losses(model, x, y, radii, args, loss_scale, carried, net)
-    if update:
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        scaler.step(opt)
-        scaler.update()
-        if args.weight_clip:
-            clip_weights(model)
+    scaler.scale(total).backward()
     return stats, delta
+
+
+def optimiser_step(model, opt, scaler, args):
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+    scaler.step(opt)
+    scaler.update()
+    if args.weight_clip:
+        clip_weights(model)
+
+
+class GraphedSteps:
+    """Training iterations (update=True, one process, no carried perturbation) replayed from a CUDA graph
+    (--cuda_graph): a regularised iteration launches over a thousand kernels, and on a fast GPU the host's launch
+    time then exceeds the GPU's work.
+
+    The second iteration in a row with the same batch shape and radii captures the losses and the scaled backward;
+    later ones with those copy their batch into the graph's inputs and replay it; the unscale, clip and optimiser
+    step run eagerly after it (GradScaler's step syncs). Other iterations (the first, one after the radii change)
+    run eagerly, on a side stream, as capture needs. The parameters' .grad tensors are the graph's, overwritten by
+    each replay. Random draws come from the graph's own offsets of the generator: the same distributions as an
+    eager run, other numbers."""
+
+    def __init__(self, model, opt, scaler, autocast, args):
+        self.model, self.opt, self.scaler, self.autocast, self.args = model, opt, scaler, autocast, args
+        self.previous = self.key = self.graph = self.side = None
+
+    def __call__(self, x, y, radii):
+        key = (tuple(x.shape), x.dtype, radii)
+        if key == self.key:
+            self.x.copy_(x)
+            self.y.copy_(y)
+            self.graph.replay()
+            optimiser_step(self.model, self.opt, self.scaler, self.args)
+            return self.stats
+        stats = self._eager(x, y, radii)
+        if key == self.previous:
+            self._capture(x, y, radii, key)
+        self.previous = key
+        return stats
+
+    def _eager(self, x, y, radii):
+        # an eager step gives the parameters new .grad tensors: the graph, which writes the old ones, is dropped
+        self.graph = self.stats = self.key = None
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            stats = train_step(self.model, self.opt, self.scaler, self.autocast, x, y, radii, self.args)[0]
+        torch.cuda.current_stream().wait_stream(self.side)
+        return stats
+
+    def _capture(self, x, y, radii, key):
+        self.x, self.y, self.radii, self.key = x.clone(), y.clone(), radii, key
+        self.opt.zero_grad(set_to_none=True)  # the graph allocates the .grad tensors it writes
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.stats = self.captured()
+
+    def captured(self):
+        """What the graph holds: the losses and backward on its input tensors (run once, at capture)."""
+        return forward_backward(self.model, self.scaler, self.autocast, self.x, self.y, self.radii, self.args)[0]
 
 
 # ---------------------------------------------------------------- presets
@@ -195,4 +259,5 @@ PRESETS = {  # --preset NAME: these flags in its place (flags after it override 
 def autocast_context(args):
     if not args.half_prec:
         return nullcontext()
-    return torch.autocast(args.device.type, dtype=getattr(torch, args.amp_dtype))
+    # autocast's cache of cast weights would hold tensors of a graph's capture beyond it
+    return torch.autocast(args.device.type, dtype=getattr(torch, args.amp_dtype), cache_enabled=not args.cuda_graph)

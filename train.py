@@ -72,6 +72,7 @@ class Trainer:
         fp16 = args.half_prec and args.amp_dtype == "float16"
         self.scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
         self.autocast = methods.autocast_context(args)
+        self.graphed = methods.GraphedSteps(self.model, self.opt, self.scaler, self.autocast, args)
         self.n_batches = data.n_train_batches(len(self.train_y), args.batch_size)
         self.total_iters = args.epochs * self.n_batches
         self.iteration, self.epoch, self.metrics = 0, 0, []
@@ -111,6 +112,8 @@ class Trainer:
 
     def step(self, x, y, epoch, update=True):
         a = self.args
+        if a.cuda_graph and update:
+            return self.graphed(x, y, self.radii(epoch))
         stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y, self.radii(epoch), a,
                                   self.carried_delta, self.net if update else None, update)
         if a.minibatch_replay > 1:
@@ -353,6 +356,8 @@ def prepare(argv):
                              f"many (this is {n_now})")
     config.check_args(args, utils.dist_env()[1])
     args.device = config.device_from_flag(args.device)
+    if args.cuda_graph and args.device.type != "cuda":
+        raise UsageError(f"--cuda_graph: needs a CUDA device, and this run's is {args.device}; drop the flag")
     if args.load_model:
         config.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
     dataset = data.load_data(args.dataset, args.data_dir)

@@ -29,6 +29,8 @@ def test_operator_count_skips_views_allocations_and_non_tensors():
     assert count.n == 4
 
 
-def test_bad_section_exits_with_one_line(capsys):
-    with pytest.raises(SystemExit, match="--sections='method'"):
-        bench.main(["--device=cpu", "--sections=method"])
+@pytest.mark.parametrize("flags, named", [("--sections=method", "--sections='method'"),
+                                          ("--cuda_graph", "--cuda_graph")])
+def test_bad_flags_exit_with_one_line(flags, named):
+    with pytest.raises(SystemExit, match=named):
+        bench.main(["--device=cpu", flags])

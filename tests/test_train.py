@@ -145,6 +145,8 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--preset", "--preset=''"),
     ("--bn_double_backward=cudnn", "--bn_double_backward='cudnn'"),
     ("--conv_double_backward=cudnn", "--conv_double_backward='cudnn'"),
+    ("--cuda_graph --minibatch_replay=2", "--cuda_graph=True"),
+    ("--cuda_graph --device=cpu", "--cuda_graph"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_files(flags, named, tmp_path, tiny_data, capsys):
     code, run_dir = run_cli(flags, tmp_path, tiny_data)

@@ -1,0 +1,120 @@
+"""--cuda_graph's schedule of eager, captured and replayed iterations, on the CPU with a stand-in for CUDA graphs.
+
+The stand-in keeps what a CUDA graph guarantees: capture runs nothing (its one run of the body is undone: BatchNorm
+statistics, random state), and a replay redoes the captured computation on the graph's input tensors, writing the
+gradients and the statistics into the tensors the capture produced. Against it, the graphed iterations must equal
+eager ones exactly. (A real capture draws other random numbers; it runs only on a GPU.)"""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import config
+import methods
+import models
+from bench import method_args
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Patch torch.cuda's graph and stream API with the stand-in; returns the captured graphs and replay count."""
+    log = {"captured": [], "replays": 0}
+
+    class Graph:
+        def replay(self):
+            log["replays"] += 1
+            for p in self.steps.model.parameters():
+                p.grad.zero_()  # a replay overwrites the graph's .grad tensors; the backward accumulates
+            for static, value in zip(self.steps.stats.values(), self.run().values(), strict=True):
+                static.copy_(value)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        steps = graph.steps = log["owner"]
+        graph.run = steps.captured
+        state, rng = copy.deepcopy(steps.model.state_dict()), torch.get_rng_state()
+        yield
+        steps.model.load_state_dict(state)
+        torch.set_rng_state(rng)
+        log["captured"].append(steps.key)
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    return log
+
+
+def setup(preset):
+    torch.manual_seed(0)
+    model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(4, 4, 8, 8))
+    model.apply(models.init_weights)
+    args = method_args(f"--preset={preset}", "--model=resnet18 --eps=8", torch.device("cpu"))
+    config.configure_double_backward(model, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, methods.build_optimizer(model, args), scaler, methods.autocast_context(args), args
+
+
+@pytest.mark.parametrize("preset", ["fgsm", "gradsum", "gradalign"])
+def test_graphed_iterations_equal_eager_ones(graphs, preset):
+    """Radii r1 four times (eager, eager and capture, replay, replay), r2 once (eager: r1's graph, which writes
+    gradient tensors the parameters no longer hold, is dropped), r1 three times (eager, capture, replay)."""
+    r1, r2 = (methods.StepRadii(eps=e, fgsm_eps=e, pgd_eps=e, fgsm_alpha=1.0, reg_eps=e) for e in (8 / 255, 4 / 255))
+    schedule = [r1] * 4 + [r2] + [r1] * 3
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in schedule]
+    eager_model, opt, scaler, autocast, args = setup(preset)
+    graphed_model, *parts = setup(preset)
+    steps = graphs["owner"] = methods.GraphedSteps(graphed_model, *parts)
+    torch.manual_seed(2)
+    eager_stats = [methods.train_step(eager_model, opt, scaler, autocast, x, y, r, args)[0]
+                   for (x, y), r in zip(batches, schedule, strict=True)]
+    torch.manual_seed(2)
+    graphed_stats = [{k: v.clone() for k, v in steps(x, y, r).items()} for (x, y), r in zip(batches, schedule,
+                                                                                              strict=True)]
+    assert [key[2] for key in graphs["captured"]] == [r1, r1] and graphs["replays"] == 3
+    for eager, graphed in zip(eager_stats, graphed_stats, strict=True):
+        assert all(torch.equal(eager[k], graphed[k]) for k in eager)
+    for name, value in eager_model.state_dict().items():
+        assert torch.equal(value, graphed_model.state_dict()[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+@pytest.mark.parametrize("half", [False, True])
+def test_real_cuda_graph_trains_as_eager(half):
+    """On a GPU: FGSM from zero (no random draws) for six iterations, graphed against eager, the same parameters up
+    to the GPU's non-deterministic sums; GradSum's graphed iterations keep a finite, non-zero term and loss scale."""
+    device = torch.device("cuda")
+    x, y = torch.rand(32, 3, 8, 8, device=device), torch.randint(0, 10, (32,), device=device)
+    r = methods.StepRadii(eps=8 / 255, fgsm_eps=8 / 255, pgd_eps=8 / 255, fgsm_alpha=1.0, reg_eps=8 / 255)
+    precision = " --half_prec --cuda_graph" if half else " --cuda_graph"
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(8, 16, 32, 64)).to(device)
+        model.apply(models.init_weights)
+        args = method_args(f"--preset=fgsm{precision}", "--model=resnet18 --eps=8", device)
+        scaler = torch.amp.GradScaler("cuda", enabled=half)
+        parts = model, methods.build_optimizer(model, args), scaler, methods.autocast_context(args)
+        step = methods.GraphedSteps(*parts, args) if graphed else (
+            lambda x, y, r, parts=parts, args=args: methods.train_step(*parts, x, y, r, args))
+        for _ in range(6):
+            step(x, y, r)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert ((results[0] - results[1]).norm() / results[0].norm()).item() < 1e-3
+    model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(8, 16, 32, 64)).to(device)
+    args = method_args(f"--preset=gradsum{precision}", "--model=resnet18 --eps=8", device)
+    config.configure_double_backward(model, args)
+    scaler = torch.amp.GradScaler("cuda", enabled=half)
+    steps = methods.GraphedSteps(model, methods.build_optimizer(model, args), scaler, methods.autocast_context(args),
+                                 args)
+    terms = [steps(x, y, r)["gis"].item() for _ in range(8)]
+    assert steps.graph is not None and all(0 < t < float("inf") for t in terms)
+    assert not half or scaler.get_scale() >= 2.0 ** 10
