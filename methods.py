@@ -4,6 +4,7 @@ and PRESETS, the methods as named flag sets.
 
 Each piece is a function of (model, batch, radii, args); attacks and regularisers come from attacks.py.
 """
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+import utils
 
 GRAD_CLIP_NORM = 20.0  # max L2 norm of the parameter gradient
 SGD_MOMENTUM = 0.9
@@ -199,13 +201,16 @@ class GraphedSteps:
     step run eagerly after it (GradScaler's step syncs). Other iterations (the first, one after the radii change)
     run eagerly, on a side stream, as capture needs. The parameters' .grad tensors are the graph's, overwritten by
     each replay. Random draws come from the graph's own offsets of the generator: the same distributions as an
-    eager run, other numbers."""
+    eager run, other numbers. A capture that fails (say, out of memory for the graph's pool) is logged once, and
+    the run goes on eagerly."""
 
     def __init__(self, model, opt, scaler, autocast, args):
         self.model, self.opt, self.scaler, self.autocast, self.args = model, opt, scaler, autocast, args
-        self.previous = self.key = self.graph = self.side = None
+        self.previous = self.key = self.graph = self.side = self.failure = None
 
     def __call__(self, x, y, radii):
+        if self.failure:
+            return train_step(self.model, self.opt, self.scaler, self.autocast, x, y, radii, self.args)[0]
         key = (tuple(x.shape), x.dtype, radii)
         if key == self.key:
             self.x.copy_(x)
@@ -230,11 +235,18 @@ class GraphedSteps:
         return stats
 
     def _capture(self, x, y, radii, key):
-        self.x, self.y, self.radii, self.key = x.clone(), y.clone(), radii, key
+        self.x, self.y, self.radii = x.clone(), y.clone(), radii
         self.opt.zero_grad(set_to_none=True)  # the graph allocates the .grad tensors it writes
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.stats = self.captured()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.stats = self.captured()
+        except RuntimeError as err:  # nothing ran: the eager steps after it start from zeroed gradients
+            self.failure = str(err).strip().splitlines()[0]
+            logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: the capture failed ({self.failure}); "
+                                              "the run goes on without CUDA graphs")
+            return
+        self.graph, self.key = graph, key
 
     def captured(self):
         """What the graph holds: the losses and backward on its input tensors (run once, at capture)."""

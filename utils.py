@@ -75,9 +75,12 @@ def progress(iterable, total=None, desc=None):
                 disable=not sys.stderr.isatty() or rank() != 0)
 
 
+LOGGER = "fast-at"  # the run log's logging name
+
+
 def get_logger(log_path=None, quiet=False):
     """A logger printing to stdout and, when given, appending to log_path; quiet ones print only errors."""
-    logger = logging.getLogger("fast-at")
+    logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.handlers.clear()
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")

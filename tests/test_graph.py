@@ -37,12 +37,14 @@ def graphs(monkeypatch):
     @contextlib.contextmanager
     def capture(graph):
         steps = graph.steps = log["owner"]
-        graph.run = steps.captured
+        graph.run, key = steps.captured, steps.previous
         state, rng = copy.deepcopy(steps.model.state_dict()), torch.get_rng_state()
         yield
         steps.model.load_state_dict(state)
         torch.set_rng_state(rng)
-        log["captured"].append(steps.key)
+        if log.get("fail"):
+            raise RuntimeError("CUDA error: out of memory\nmore lines")
+        log["captured"].append(key)
 
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
@@ -67,7 +69,22 @@ def test_graphed_iterations_equal_eager_ones(graphs, preset):
     """Radii r1 four times (eager, eager and capture, replay, replay), r2 once (eager: r1's graph, which writes
     gradient tensors the parameters no longer hold, is dropped), r1 three times (eager, capture, replay)."""
     r1, r2 = (methods.StepRadii(eps=e, fgsm_eps=e, pgd_eps=e, fgsm_alpha=1.0, reg_eps=e) for e in (8 / 255, 4 / 255))
-    schedule = [r1] * 4 + [r2] + [r1] * 3
+    compare_with_eager(graphs, preset, [r1] * 4 + [r2] + [r1] * 3)
+    assert [key[2] for key in graphs["captured"]] == [r1, r1] and graphs["replays"] == 3
+
+
+def test_failed_capture_goes_on_eagerly(graphs, caplog):
+    """A capture that raises: one warning naming the first line of the error, and every iteration eager."""
+    graphs["fail"] = True
+    r = methods.StepRadii(eps=8 / 255, fgsm_eps=8 / 255, pgd_eps=8 / 255, fgsm_alpha=1.0, reg_eps=8 / 255)
+    compare_with_eager(graphs, "gradsum", [r] * 5)
+    assert graphs["captured"] == [] and graphs["replays"] == 0
+    warned = [rec.getMessage() for rec in caplog.records if "--cuda_graph" in rec.getMessage()]
+    assert len(warned) == 1 and "(CUDA error: out of memory)" in warned[0]
+
+
+def compare_with_eager(graphs, preset, schedule):
+    """Run the schedule of radii eagerly and through GraphedSteps (same seeds): equal statistics and models."""
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in schedule]
     eager_model, opt, scaler, autocast, args = setup(preset)
@@ -79,7 +96,6 @@ def test_graphed_iterations_equal_eager_ones(graphs, preset):
     torch.manual_seed(2)
     graphed_stats = [{k: v.clone() for k, v in steps(x, y, r).items()} for (x, y), r in zip(batches, schedule,
                                                                                               strict=True)]
-    assert [key[2] for key in graphs["captured"]] == [r1, r1] and graphs["replays"] == 3
     for eager, graphed in zip(eager_stats, graphed_stats, strict=True):
         assert all(torch.equal(eager[k], graphed[k]) for k in eager)
     for name, value in eager_model.state_dict().items():
