@@ -196,37 +196,40 @@ class GraphedSteps:
     (--cuda_graph): a regularised iteration launches over a thousand kernels, and on a fast GPU the host's launch
     time then exceeds the GPU's work.
 
-    The second iteration in a row with the same batch shape and radii captures the losses and the scaled backward;
-    later ones with those copy their batch into the graph's inputs and replay it; the unscale, clip and optimiser
-    step run eagerly after it (GradScaler's step syncs). Other iterations (the first, one after the radii change)
-    run eagerly, on a side stream, as capture needs. The parameters' .grad tensors are the graph's, overwritten by
-    each replay. Random draws come from the graph's own offsets of the generator: the same distributions as an
-    eager run, other numbers. A capture that fails (say, out of memory for the graph's pool) is logged once, and
-    the run goes on eagerly."""
+    The second iteration in a row with the same batch shape and radii captures the losses and the scaled backward
+    (replacing the graph of other ones); later ones with those copy their batch into the graph's inputs and replay
+    it; the unscale, clip and optimiser step run eagerly after it (GradScaler's step syncs). Other iterations (the
+    first, an epoch's last partial batch, one after the radii change) run eagerly, on a side stream, as capture
+    needs, and keep the graph. The graph writes its own gradient tensors, which the parameters' .grad point to
+    again after each replay. Random draws come from the graph's own offsets of the generator: the same
+    distributions as an eager run, other numbers. A capture that fails (say, out of memory for the graph's pool)
+    is logged once, and the run goes on eagerly."""
 
     def __init__(self, model, opt, scaler, autocast, args):
         self.model, self.opt, self.scaler, self.autocast, self.args = model, opt, scaler, autocast, args
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.previous = self.key = self.graph = self.side = self.failure = None
 
     def __call__(self, x, y, radii):
-        if self.failure:
-            return train_step(self.model, self.opt, self.scaler, self.autocast, x, y, radii, self.args)[0]
         key = (tuple(x.shape), x.dtype, radii)
-        if key == self.key:
-            self.x.copy_(x)
-            self.y.copy_(y)
-            self.graph.replay()
-            optimiser_step(self.model, self.opt, self.scaler, self.args)
-            return self.stats
+        previous, self.previous = self.previous, key
+        if key == self.key and not self.failure:
+            return self._replay(x, y)
         stats = self._eager(x, y, radii)
-        if key == self.previous:
+        if key == previous and not self.failure:
             self._capture(x, y, radii, key)
-        self.previous = key
         return stats
 
+    def _replay(self, x, y):
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        for p, grad in zip(self.params, self.grads, strict=True):
+            p.grad = grad  # an eager iteration since the capture left the parameters other .grad tensors
+        optimiser_step(self.model, self.opt, self.scaler, self.args)
+        return self.stats
+
     def _eager(self, x, y, radii):
-        # an eager step gives the parameters new .grad tensors: the graph, which writes the old ones, is dropped
-        self.graph = self.stats = self.key = None
         self.side = self.side or torch.cuda.Stream()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
@@ -235,6 +238,7 @@ class GraphedSteps:
         return stats
 
     def _capture(self, x, y, radii, key):
+        self.graph = self.key = self.stats = self.grads = None  # the old graph's pool is freed before the new one
         self.x, self.y, self.radii = x.clone(), y.clone(), radii
         self.opt.zero_grad(set_to_none=True)  # the graph allocates the .grad tensors it writes
         graph = torch.cuda.CUDAGraph()
@@ -244,9 +248,9 @@ class GraphedSteps:
         except RuntimeError as err:  # nothing ran: the eager steps after it start from zeroed gradients
             self.failure = str(err).strip().splitlines()[0]
             logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: the capture failed ({self.failure}); "
-                                              "the run goes on without CUDA graphs")
+                                                    "the run goes on without CUDA graphs")
             return
-        self.graph, self.key = graph, key
+        self.graph, self.key, self.grads = graph, key, [p.grad for p in self.params]
 
     def captured(self):
         """What the graph holds: the losses and backward on its input tensors (run once, at capture)."""
