@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 PIXEL = 1 / 255  # one intensity level of an 8-bit image, in [0, 1] units
 LOSS_MARGIN = 1e-3  # nats: cross-entropy above ln(K) + this is misclassified whatever the rounding
+ACTIVE_BUCKET = 64  # examples: PGD's attacked subset is padded to a multiple of this (eval mode: rows independent)
 
 
 def clamp01(z):
@@ -127,6 +128,13 @@ def _final_point(model, x, delta, y):
     return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) == y
 
 
+def padded(rows, n_max):
+    """rows, then repeats of its first, up to a multiple of ACTIVE_BUCKET (at most n_max): the attacked subset
+    takes a few batch sizes, so cuDNN's benchmark mode tunes a few shapes, not new ones at every restart."""
+    n = min(-(-len(rows) // ACTIVE_BUCKET) * ACTIVE_BUCKET, n_max)
+    return torch.cat([rows, rows[:1].expand(n - len(rows))])
+
+
 def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True):
     """The original's PGD-n_iters-n_restarts evaluation of the model as it is (eval mode expected).
 
@@ -154,13 +162,15 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True):
         active = (max_loss <= lost_above).nonzero().squeeze(1) if skip_lost else torch.arange(len(y), device=x.device)
         if not len(active):
             continue
-        xa, ya, delta = x[active], y[active], start[active]
+        n, rows = len(active), padded(active, len(y))
+        xa, ya, delta = x[rows], y[rows], start[rows]
         for i in range(n_iters):
             grad, logits = input_grad(model, xa, delta, ya, clip=False, reduction="sum")
             if i > 0:  # the start may lie outside [0, 1]; every later iterate is an image
-                broken[active] |= logits.detach().argmax(1) != ya
+                broken[active] |= logits[:n].detach().argmax(1) != ya[:n]
             delta = signed_step(xa, delta, grad, eps, step)
         loss, correct = _final_point(model, xa, delta, ya)
+        loss, correct, delta = loss[:n], correct[:n], delta[:n]  # the padding's rows dropped
         broken[active] |= ~correct
         better = loss >= max_loss[active]
         kept_delta[active[better]] = delta[better]

@@ -303,6 +303,7 @@ def test_pgd_eval_skips_only_examples_whose_kept_loss_exceeds_ln_k(monkeypatch):
     ce = F.cross_entropy(table(torch.tensor([0.8, 0.8])), y, reduction="none")
     assert ce[0] > math.log(3) > ce[1]  # at v = 0.8 example 0 is lost for good, example 1 is not
     fixed_starts(monkeypatch, [torch.full((1, 1, 1, 1), 0.3)] * 3)
+    monkeypatch.setattr(attacks, "ACTIVE_BUCKET", 1)  # no padding of the attacked subset
     correct, robust, _ = attacks.pgd_eval(model, x, y, eps=0.3, step=0.0, n_iters=1, n_restarts=3)
     assert correct.tolist() == [False, True] and robust.tolist() == [False, True]
     assert calls == [2, 2, 2, 1, 1, 1, 1]  # clean; restart 1 (gradient, final); restarts 2-3 on example 1 only
@@ -317,6 +318,27 @@ def test_pgd_eval_equals_closed_form_of_two_class_linear_model(skip_lost):
     assert 0 < expected.sum() < len(y)  # the check means something only if both outcomes occur
     correct, robust, _ = attacks.pgd_eval(model, x, y, EPS, EPS / 4, n_iters=10, n_restarts=3, skip_lost=skip_lost)
     assert torch.equal(correct, expected) and torch.equal(robust, expected)
+
+
+def test_attacked_subset_is_padded_to_few_batch_sizes(monkeypatch):
+    """Batch sizes the model sees: the full batch, then multiples of ACTIVE_BUCKET; results equal unpadded ones."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    sizes = []
+    model = lambda v: (sizes.append(len(v)), conv(v))[1]  # noqa: E731
+    x, y = torch.rand(150, 3, 8, 8), torch.randint(0, 10, (150,))
+    results = {}
+    for bucket in (1, 64):
+        monkeypatch.setattr(attacks, "ACTIVE_BUCKET", bucket)
+        sizes.clear()
+        torch.manual_seed(1)
+        results[bucket] = attacks.pgd_eval(model, x, y, 8 / 255, 2 / 255, n_iters=3, n_restarts=4)
+        seen = set(sizes)
+        if bucket == 1:
+            assert len(seen - {150}) >= 2  # the premise: the subset shrinks over the restarts
+        else:
+            assert seen <= {64, 128, 150} and len(seen) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[64], strict=True))
 
 
 def test_skipping_lost_examples_changes_no_result():
