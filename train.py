@@ -79,6 +79,7 @@ class Trainer:
         initial = cpu_copy(self.model)  # the original's early stopping starts from the initial weights, at 0
         self.kept = {name: {"state": initial, "iteration": 0, "acc": 0.0} for name in ("early_stopped", "best_test")}
         self.carried_delta = None
+        self.periodic_eval_s = 0.0  # wall time of this process's periodic evaluations (timing.json)
         self.first_nonfinite = torch.full((), -1, device=dev)  # iteration of the first non-finite loss, on device
         self.reset_meters()
 
@@ -175,7 +176,9 @@ class Trainer:
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
                "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
                "train_gis": gis / count, "train_delta_abs": delta_abs / count, "train_acc": correct / count}
+        start = time.time()
         row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
+        self.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
         self.reset_meters()
@@ -314,14 +317,15 @@ def run(args, dataset, log, run_dir, checkpoint=None):
         trainer.save_checkpoint()
     train_s = time.time() - start
     n_procs = trainer.check_replicas()
-    log.info(f"training done in {train_s:.1f} s" + (f"; {n_procs} processes hold identical weights"
-                                                    if n_procs > 1 else ""))
+    replicas = f"; {n_procs} processes hold identical weights" if n_procs > 1 else ""
+    log.info(f"training done in {train_s:.1f} s (periodic evaluations {trainer.periodic_eval_s:.1f} s){replicas}")
     trainer.metrics += run_final_eval(trainer, dataset, args, log)
     trainer.save_checkpoint()
     trainer.write_metrics()
     wall_s = time.time() - start
     if utils.rank() == 0:
-        utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(train_s, 1)}) + "\n",
+        utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
+                                            "periodic_eval_s": round(trainer.periodic_eval_s, 1)}) + "\n",
                                 os.path.join(run_dir, "timing.json"))
     log.info(f"done in {wall_s:.1f} s")
 

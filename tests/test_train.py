@@ -69,6 +69,8 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert {"model", "optimizer", "scaler", "kept", "metrics", "processes"} <= set(ckpt)
     saved = json.load(open(os.path.join(run_dir, "args.json")))
     assert saved["epochs"] == 2 and saved["_provenance"]["torch"] == torch.__version__
+    timing = json.load(open(os.path.join(run_dir, "timing.json")))
+    assert 0 <= timing["periodic_eval_s"] <= timing["train_s"] <= timing["wall_s"]  # evaluations inside training
     assert vars(config.load_args(run_dir)).keys() == vars(config.build_parser().parse_args([])).keys()
 
 
