@@ -130,9 +130,7 @@ def count_operators(model, x, y, eps, base_flags, device, presets):
 
 def training_setup(model, args):
     """(the training iteration as a function of x, y and the radii, args), as train.py builds it."""
-    fp16 = args.half_prec and args.amp_dtype == "float16"
-    parts = (methods.build_optimizer(model, args), torch.amp.GradScaler(args.device.type, enabled=fp16),
-             methods.autocast_context(args))
+    parts = methods.build_optimizer(model, args), methods.grad_scaler(args), methods.autocast_context(args)
     if args.cuda_graph:
         return methods.GraphedSteps(model, *parts, args), args
     return (lambda x, y, r: methods.train_step(model, *parts, x, y, r, args)), args

@@ -36,18 +36,8 @@ def fgsm_correct(model, x_u8, y, eps, step, batch_size, projected=False):
     """Per-example correctness under FGSM from zero with `step`; past eps the step is unprojected unless
     `projected`."""
     radius = eps if projected else max(eps, step)
-    return correct_masks(evaluation.fgsm_stats(model, step, radius), ("fgsm",),
-                         evaluation.batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))["fgsm"]
-
-
-def correct_masks(stats_fn, keys, batches):
-    """{key: stats_fn's per-example correctness over all batches, one bool tensor on the CPU}."""
-    parts = {key: [] for key in keys}
-    for x, y in batches:
-        values = stats_fn(x, y)
-        for key in keys:
-            parts[key].append(values[key].bool().cpu())
-    return {key: torch.cat(masks) for key, masks in parts.items()}
+    return evaluation.per_example(evaluation.fgsm_stats(model, step, radius), ("fgsm",),
+                                  evaluation.batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))["fgsm"]
 
 
 def evaluate(model, x_u8, y, eps_px, opts, n_classes):
@@ -57,7 +47,7 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
     attacks."""
     model.eval()
     eps = eps_px / 255
-    run = lambda stats, keys, desc: correct_masks(  # noqa: E731
+    run = lambda stats, keys, desc: evaluation.per_example(  # noqa: E731
         stats, keys, evaluation.batches(x_u8, y, opts.batch_size, desc))
     masks = {"clean_acc": run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
     in_ball = []

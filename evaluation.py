@@ -10,16 +10,21 @@ import utils
 PGD_STEP_FRACTION = 1 / 4  # the original's evaluation PGD step, as a fraction of eps
 
 
-def fractions(stats_fn, keys, batches):
-    """{key: mean over all points and processes of stats_fn(x, y)[key]} (per-example tensors), and the number
-    of points."""
-    totals, n = dict.fromkeys(keys, 0.0), 0
+def per_example(stats_fn, keys, batches):
+    """{key: stats_fn(x, y)[key] (per-example tensors) over all batches, one tensor on the CPU}."""
+    parts = {key: [] for key in keys}
     for x, y in batches:
         values = stats_fn(x, y)
         for key in keys:
-            totals[key] += float(values[key].double().sum())
-        n += len(y)
-    *sums, n = utils.global_sum(*(totals[k] for k in keys), n)
+            parts[key].append(values[key].cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def fractions(stats_fn, keys, batches):
+    """{key: mean over all points and processes of stats_fn(x, y)[key]} (per-example tensors), and the number
+    of points."""
+    values = per_example(stats_fn, keys, batches)
+    *sums, n = utils.global_sum(*(values[k].double().sum().item() for k in keys), len(values[keys[0]]))
     return {k: s / max(n, 1) for k, s in zip(keys, sums, strict=True)}, int(n)
 
 

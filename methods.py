@@ -165,19 +165,23 @@ def train_step(model, opt, scaler, autocast, x, y, radii, args, carried=None, ne
     averages the gradients (the regularisers' included) over processes; attacks use the bare model.
     """
     if not update:
-        with autocast:
-            return losses(model, x, y, radii, args, scaler.scale(torch.ones((), device=x.device)), carried, net)[1:]
+        return scaled_losses(model, scaler, autocast, x, y, radii, args, carried, net)[1:]
     opt.zero_grad(set_to_none=True)
     stats, delta = forward_backward(model, scaler, autocast, x, y, radii, args, carried, net)
     optimiser_step(model, opt, scaler, args)
     return stats, delta
 
 
-def forward_backward(model, scaler, autocast, x, y, radii, args, carried=None, net=None):
-    """The losses and the loss-scaled backward into the parameters' .grad: (statistics, perturbation)."""
+def scaled_losses(model, scaler, autocast, x, y, radii, args, carried=None, net=None):
+    """losses() under autocast, its double backprop at the scaler's loss scale: (total, statistics, perturbation)."""
     loss_scale = scaler.scale(torch.ones((), device=x.device))  # a tensor: reading it would sync
     with autocast:
-        total, stats, delta = losses(model, x, y, radii, args, loss_scale, carried, net)
+        return losses(model, x, y, radii, args, loss_scale, carried, net)
+
+
+def forward_backward(model, scaler, autocast, x, y, radii, args, carried=None, net=None):
+    """The losses and the loss-scaled backward into the parameters' .grad: (statistics, perturbation)."""
+    total, stats, delta = scaled_losses(model, scaler, autocast, x, y, radii, args, carried, net)
     scaler.scale(total).backward()
     return stats, delta
 
@@ -270,6 +274,11 @@ PRESETS = {  # --preset NAME: these flags in its place (flags after it override 
     "pgd": "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=2",  # PGD-10 AT, step 2/255
     "free": f"{FGSM} --minibatch_replay=8",  # Free-AT (m = 8) as the original's loop runs it
 }
+
+
+def grad_scaler(args):
+    """GradScaler's loss scaling, on for fp16 autocast only (bf16 has fp32's exponent range)."""
+    return torch.amp.GradScaler(args.device.type, enabled=args.half_prec and args.amp_dtype == "float16")
 
 
 def autocast_context(args):

@@ -69,10 +69,10 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.fast,
                                                                  device_ids=[dev] if dev.type == "cuda" else None)
         self.opt = methods.build_optimizer(self.model, args)
-        fp16 = args.half_prec and args.amp_dtype == "float16"
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=fp16)
+        self.scaler = methods.grad_scaler(args)
         self.autocast = methods.autocast_context(args)
-        self.graphed = methods.GraphedSteps(self.model, self.opt, self.scaler, self.autocast, args)
+        self.graphed = (methods.GraphedSteps(self.model, self.opt, self.scaler, self.autocast, args)
+                        if args.cuda_graph else None)
         self.n_batches = data.n_train_batches(len(self.train_y), args.batch_size)
         self.total_iters = args.epochs * self.n_batches
         self.iteration, self.epoch, self.metrics = 0, 0, []
@@ -113,7 +113,7 @@ class Trainer:
 
     def step(self, x, y, epoch, update=True):
         a = self.args
-        if a.cuda_graph and update:
+        if self.graphed and update:
             return self.graphed(x, y, self.radii(epoch))
         stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y, self.radii(epoch), a,
                                   self.carried_delta, self.net if update else None, update)
