@@ -135,7 +135,21 @@ def padded(rows, n_max):
     return torch.cat([rows, rows[:1].expand(n - len(rows))])
 
 
-def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True):
+def pgd_restart(model, x, y, delta, eps, step, n_iters):
+    """One restart of the evaluation PGD from delta: n_iters signed steps on the unclipped x + delta, each projected
+    to [0, 1] and the ball. Returns (final iterate, its per-example loss, correct there, misclassified at any
+    iterate after a step). A fixed-shape computation with no host syncs: evaluation.GraphedRestarts replays it."""
+    hit = torch.zeros_like(y, dtype=torch.bool)
+    for i in range(n_iters):
+        grad, logits = input_grad(model, x, delta, y, clip=False, reduction="sum")
+        if i > 0:  # the start may lie outside [0, 1]; every later iterate is an image
+            hit |= logits.detach().argmax(1) != y
+        delta = signed_step(x, delta, grad, eps, step)
+    loss, correct = _final_point(model, x, delta, y)
+    return delta, loss, correct, hit | ~correct
+
+
+def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restart=pgd_restart):
     """The original's PGD-n_iters-n_restarts evaluation of the model as it is (eval mode expected).
 
     Each restart starts uniformly in the eps-ball (unclipped), takes n_iters signed steps, each projected to
@@ -147,6 +161,7 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True):
     skip_lost: an example whose kept loss exceeds ln(K) (K classes) is misclassified and can only be replaced
     by a point of even higher loss, so later restarts skip it. The random starts are drawn for the whole batch
     either way, and in eval mode every example's trajectory is its own, so the results are the same.
+    restart: pgd_restart or a function that computes the same (a GraphedRestarts).
     """
     kept_delta = torch.zeros_like(x)
     with torch.no_grad():
@@ -163,15 +178,9 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True):
         if not len(active):
             continue
         n, rows = len(active), padded(active, len(y))
-        xa, ya, delta = x[rows], y[rows], start[rows]
-        for i in range(n_iters):
-            grad, logits = input_grad(model, xa, delta, ya, clip=False, reduction="sum")
-            if i > 0:  # the start may lie outside [0, 1]; every later iterate is an image
-                broken[active] |= logits[:n].detach().argmax(1) != ya[:n]
-            delta = signed_step(xa, delta, grad, eps, step)
-        loss, correct = _final_point(model, xa, delta, ya)
-        loss, correct, delta = loss[:n], correct[:n], delta[:n]  # the padding's rows dropped
-        broken[active] |= ~correct
+        delta, loss, correct, hit = (t[:n] for t in restart(model, x[rows], y[rows], start[rows], eps, step,
+                                                              n_iters))  # the padding's rows dropped
+        broken[active] |= hit
         better = loss >= max_loss[active]
         kept_delta[active[better]] = delta[better]
         kept_correct[active[better]] = correct[better]

@@ -24,6 +24,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode  # what torch.utils.flop_counter builds on
 
+import attacks
 import config
 import data
 import evaluation
@@ -227,8 +228,8 @@ def build_parser():
     p.add_argument("--half_prec", action="store_true", help="train steps under autocast (evaluation stays fp32)")
     p.add_argument("--amp_dtype", default="float16", choices=config.AMP_DTYPES)
     p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--cuda_graph", action="store_true", help="on a CUDA device: training iterations replayed from "
-                   "CUDA graphs, as train.py --cuda_graph")
+    p.add_argument("--cuda_graph", action="store_true", help="on a CUDA device: training iterations and "
+                   "evaluation's PGD restarts replayed from CUDA graphs, as train.py --cuda_graph")
     p.add_argument("--n_iters", type=int, default=3, help="iterations per method per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
@@ -251,7 +252,7 @@ def print_operators(counts, device):
         print(f"| {name} | {n} | {n / counts['none']:.2f} |")
 
 
-def print_eval(model, x, y, eps, times, opts, base, device):
+def print_eval(model, x, y, eps, opts):
     results = {skip: bench_eval(model, x[:opts.eval_points], y[:opts.eval_points], eps, opts.batch_size_eval, skip)
                for skip in (False, True)}
     print(f"\nPGD-50-10 evaluation (the original protocol) of {opts.eval_points} images:")
@@ -260,20 +261,41 @@ def print_eval(model, x, y, eps, times, opts, base, device):
         speed, acc = results[skip]
         print(f"| {label} | {speed:.1f} | {100 * acc:.2f}% |")
     print(f"speed-up {results[True][0] / results[False][0]:.2f}×")
+
+
+def print_periodic_eval(model, x, y, eps, times, opts, base, device):
+    """Seconds of a periodic evaluation with the README flags, eager and (--cuda_graph) graphed, and its share of
+    the wall time of training with each method timed."""
     n = README_EVAL["n_eval_every_k_iter"]
     eval_args = method_args(f"--batch_size_eval={opts.batch_size_eval} --attack_iters={README_EVAL['attack_iters']} "
                             f"--n_restarts={README_EVAL['n_restarts']}", base, device)
     eval_sets = {"test": (x[:n], y[:n]), "train": (x[-n:], y[-n:])}
+    n = len(eval_sets["test"][1])  # fewer when x is
+    print(f"\none periodic evaluation (clean, FGSM, PGD-50-10 and gradient cosines on {n} test points, PGD-50-10 "
+          f"on {n} training points), seconds, the first (cuDNN tunes new shapes, graphs are captured) and the second:")
+    restarts = {"eager": attacks.pgd_restart}
+    if opts.cuda_graph:
+        restarts["--cuda_graph"] = evaluation.GraphedRestarts(model)
+    eval_s = {}
+    for name, restart in restarts.items():
+        first, eval_s[name] = (time_periodic_eval(model, eval_sets, eps, eval_args, restart) for _ in range(2))
+        print(f"  {name:>12}: {first:.2f}, {eval_s[name]:.2f}")
+    steady = eval_s.get("--cuda_graph", eval_s["eager"])
+    if opts.cuda_graph:
+        print(f"  graphed restarts: {eval_s['eager'] / steady:.2f}× faster")
+    if times:
+        print(f"its share of wall time when it runs every {README_EVAL['eval_iter_freq']} iterations:")
+    for name, t in times.items():
+        print(f"  {name:>24}: {100 * steady / (steady + README_EVAL['eval_iter_freq'] * t):.1f}%")
+
+
+def time_periodic_eval(model, eval_sets, eps, args, restart):
+    device = eval_sets["test"][0].device
     sync(device)
     start = time.perf_counter()
-    evaluation.periodic_eval(model, eval_sets, eps, eval_args)
+    evaluation.periodic_eval(model, eval_sets, eps, args, restart)
     sync(device)
-    eval_s = time.perf_counter() - start
-    print(f"\none periodic evaluation (clean, FGSM, PGD-50-10 and gradient cosines on {n} test points, PGD-50-10 "
-          f"on {n} training points): {eval_s:.1f} s; its share of wall time when it runs every "
-          f"{README_EVAL['eval_iter_freq']} iterations:" if times else "")
-    for name, t in times.items():
-        print(f"  {name:>24}: {100 * eval_s / (eval_s + README_EVAL['eval_iter_freq'] * t):.1f}%")
+    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -314,7 +336,8 @@ def main(argv=None):
         print_operators(count_operators(*batch, base, device, presets), device)
     model.load_state_dict(state)  # the evaluation sees the given weights, not the training steps' updates
     if "eval" in sections:
-        print_eval(model, x, y, eps, times, opts, base, device)
+        print_eval(model, x, y, eps, opts)
+        print_periodic_eval(model, x, y, eps, times, opts, base, device)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def build_parser(description=None):
       "explicit (the same gradients; the weight's term by the weight-gradient kernel, no weight gradient in the "
       "input-gradient backward) or autograd (PyTorch's generic one)")
     g("--channels_last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
-    g("--cuda_graph", action="store_true", help="on one CUDA GPU: replay each training iteration from a CUDA graph "
-      "(the same computation without the host's launch time; other random draws; not with Free-AT or --compile)")
+    g("--cuda_graph", action="store_true", help="on one CUDA GPU: replay each training iteration and each evaluation "
+      "PGD restart from a CUDA graph (the same computation without the host's launch time; other random draws in "
+      "training; not with Free-AT or --compile)")
     g("--compile", action="store_true", help="torch.compile the model (not with GradSum/GradAlign)")
     g("--sync_bn", action="store_true", help="under torchrun on GPUs: synchronise BatchNorm statistics")
     g("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

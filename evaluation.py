@@ -1,6 +1,8 @@
 """Accuracies under the original's evaluation protocol: periodic evaluations during training, the final one,
 and the pieces eval.py combines. Models are evaluated in eval mode and fp32; points are split over processes
 and every count is global."""
+import logging
+
 import torch
 
 import attacks
@@ -8,6 +10,45 @@ import data
 import utils
 
 PGD_STEP_FRACTION = 1 / 4  # the original's evaluation PGD step, as a fraction of eps
+GRAPH_MAX_ROWS = 256  # examples: a larger attacked subset keeps a GPU busy without a graph (each holds its memory)
+
+
+class GraphedRestarts:
+    """attacks.pgd_restart replayed from CUDA graphs (--cuda_graph): a restart of PGD-50 launches about 10,000
+    kernels, and on the small attacked subsets of the later restarts a fast GPU waits for the host.
+
+    One graph per subset shape (a few: attacks.padded) of at most GRAPH_MAX_ROWS examples, captured at the shape's
+    second restart (its first runs eagerly, on a side stream, and lets cuDNN tune the shape); later restarts of that
+    shape copy their inputs into the graph's and replay it. The graph reads the model's weights where they are, so
+    it follows training and load_state_dict. The start is drawn outside it: the results are the eager ones. A
+    capture that fails is logged once, and the evaluations go on eagerly."""
+
+    def __init__(self, model):
+        self.model, self.graphs, self.seen, self.side, self.failure = model, {}, set(), None, None
+
+    def __call__(self, model, x, y, delta, eps, step, n_iters):
+        key = (tuple(x.shape), x.stride(), x.dtype, eps, step, n_iters, model.training)
+        if model is not self.model:
+            return attacks.pgd_restart(model, x, y, delta, eps, step, n_iters)
+        if key in self.graphs:
+            graph, inputs, outputs = self.graphs[key]
+            for static, value in zip(inputs, (x, y, delta), strict=True):
+                static.copy_(value)
+            graph.replay()
+            return outputs
+        self.side = self.side or torch.cuda.Stream()
+        out = utils.on_side_stream(self.side, attacks.pgd_restart, model, x, y, delta, eps, step, n_iters)
+        if key in self.seen and len(y) <= GRAPH_MAX_ROWS and not self.failure:
+            inputs = (x.clone(), y.clone(), delta.clone())
+            graph, outputs = utils.capture_graph(attacks.pgd_restart, model, *inputs, eps, step, n_iters)
+            if graph is None:
+                self.failure = outputs
+                logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: capturing a PGD restart failed "
+                                                        f"({outputs}); evaluations go on without CUDA graphs")
+            else:
+                self.graphs[key] = graph, inputs, outputs
+        self.seen.add(key)
+        return out
 
 
 def per_example(stats_fn, keys, batches):
@@ -33,11 +74,11 @@ def batches(x_u8, y, batch_size, desc=None):
     return utils.progress(data.eval_batches(x_u8, y, batch_size), n_batches, desc)
 
 
-def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True):
+def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True, restart=attacks.pgd_restart):
     """(x, y) -> per-example 'pgd' (correct under the original protocol) and 'pgd_any' (the strict rule)."""
     def stats(x, y):
         correct, robust, _ = attacks.pgd_eval(model, x, y, eps, step or eps * PGD_STEP_FRACTION, n_iters,
-                                              n_restarts, skip_lost)
+                                              n_restarts, skip_lost, restart)
         return {"pgd": correct, "pgd_any": robust}
     return stats
 
@@ -63,13 +104,13 @@ def fgsm_stats(model, step, radius):
     return lambda x, y: {"fgsm": attacks.fgsm_eval(model, x, y, step, radius)[0]}
 
 
-def periodic_test_stats(model, eps, attack_iters, n_restarts):
+def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pgd_restart):
     """Everything the original logs about the test points: clean, FGSM (step eps), PGD accuracy, the cosine
     between the FGSM and PGD perturbations, and the cosine between input gradients at x and at x + eta."""
     def stats(x, y):
         fgsm_correct, fgsm_delta = attacks.fgsm_eval(model, x, y, eps, eps)
         pgd_correct, pgd_robust, pgd_delta = attacks.pgd_eval(model, x, y, eps, eps * PGD_STEP_FRACTION,
-                                                              attack_iters, n_restarts)
+                                                              attack_iters, n_restarts, restart=restart)
         return {"clean_acc": utils.clean_correct(model, x, y), "fgsm_acc": fgsm_correct, "pgd_acc": pgd_correct,
                 "pgd_any_acc": pgd_robust, "cos_fgsm_pgd": attacks.cosines_or_one(fgsm_delta, pgd_delta),
                 "grad_cosine": attacks.grad_cosines(model, x, y, eps).detach()}
@@ -79,15 +120,16 @@ def periodic_test_stats(model, eps, attack_iters, n_restarts):
 PERIODIC_TEST_KEYS = ("clean_acc", "fgsm_acc", "pgd_acc", "pgd_any_acc", "cos_fgsm_pgd", "grad_cosine")
 
 
-def periodic_eval(model, eval_sets, eps, args):
-    """The original's periodic evaluation on its fixed test and training points (eval mode, no augmentation)."""
+def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart):
+    """The original's periodic evaluation on its fixed test and training points (eval mode, no augmentation);
+    restart: attacks.pgd_restart or a GraphedRestarts."""
     (test_x, test_y), (train_x, train_y) = eval_sets["test"], eval_sets["train"]
     was_training = model.training
     model.eval()
-    test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts),
+    test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts, restart),
                                PERIODIC_TEST_KEYS, batches(test_x, test_y, args.batch_size_eval, "test points"))
     row = {("test_" + k if k.endswith("_acc") else k): v for k, v in test.items()}
-    train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts), ("pgd",),
+    train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts, restart=restart), ("pgd",),
                          batches(train_x, train_y, args.batch_size_eval, "training points"))
     row["train_pgd_acc"] = train["pgd"]
     row["n_eval_points"] = n_points
@@ -95,7 +137,7 @@ def periodic_eval(model, eval_sets, eps, args):
     return row
 
 
-def final_eval(model, states, x_u8, y, eps, args):
+def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart):
     """One row per saved model: clean, FGSM (step eps) and PGD accuracy under the final attack, the original
     protocol ('pgd_acc') and the strict rule ('pgd_any_acc')."""
     rows = []
@@ -103,15 +145,15 @@ def final_eval(model, states, x_u8, y, eps, args):
     keys = ("clean", "fgsm", "pgd", "pgd_any")
     for name, state in states.items():
         model.load_state_dict(state)
-        accs, n = fractions(final_stats(model, eps, args), keys,
+        accs, n = fractions(final_stats(model, eps, args, restart), keys,
                             batches(x_u8, y, args.batch_size_eval, f"final evaluation: {name}"))
         rows.append({"kind": "final", "model": name, **{f"{k}_acc": v for k, v in accs.items()}, "n_points": n})
     model.train()
     return rows
 
 
-def final_stats(model, eps, args):
-    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts)
+def final_stats(model, eps, args, restart=attacks.pgd_restart):
+    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, restart=restart)
     return lambda x, y: {"clean": utils.clean_correct(model, x, y), "fgsm": attacks.fgsm_eval(model, x, y, eps, eps)[0],
                          **pgd(x, y)}
 

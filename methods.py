@@ -235,26 +235,20 @@ class GraphedSteps:
 
     def _eager(self, x, y, radii):
         self.side = self.side or torch.cuda.Stream()
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            stats = train_step(self.model, self.opt, self.scaler, self.autocast, x, y, radii, self.args)[0]
-        torch.cuda.current_stream().wait_stream(self.side)
-        return stats
+        return utils.on_side_stream(self.side, lambda: train_step(self.model, self.opt, self.scaler, self.autocast, x,
+                                                                  y, radii, self.args)[0])
 
     def _capture(self, x, y, radii, key):
         self.graph = self.key = self.stats = self.grads = None  # the old graph's pool is freed before the new one
         self.x, self.y, self.radii = x.clone(), y.clone(), radii
         self.opt.zero_grad(set_to_none=True)  # the graph allocates the .grad tensors it writes
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.stats = self.captured()
-        except RuntimeError as err:  # nothing ran: the eager steps after it start from zeroed gradients
-            self.failure = str(err).strip().splitlines()[0]
-            logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: the capture failed ({self.failure}); "
-                                                    "the run goes on without CUDA graphs")
+        graph, out = utils.capture_graph(self.captured)
+        if graph is None:  # nothing ran: the eager steps after it start from zeroed gradients
+            self.failure = out
+            logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: the capture failed ({out}); the run goes "
+                                                    "on without CUDA graphs")
             return
-        self.graph, self.key, self.grads = graph, key, [p.grad for p in self.params]
+        self.graph, self.key, self.stats, self.grads = graph, key, out, [p.grad for p in self.params]
 
     def captured(self):
         """What the graph holds: the losses and backward on its input tensors (run once, at capture)."""

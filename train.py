@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import attacks
 import config
 import data
 import evaluation
@@ -73,6 +74,7 @@ class Trainer:
         self.autocast = methods.autocast_context(args)
         self.graphed = (methods.GraphedSteps(self.model, self.opt, self.scaler, self.autocast, args)
                         if args.cuda_graph else None)
+        self.restart = evaluation.GraphedRestarts(self.model) if args.cuda_graph else attacks.pgd_restart  # eval PGD
         self.n_batches = data.n_train_batches(len(self.train_y), args.batch_size)
         self.total_iters = args.epochs * self.n_batches
         self.iteration, self.epoch, self.metrics = 0, 0, []
@@ -177,7 +179,7 @@ class Trainer:
                "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
                "train_gis": gis / count, "train_delta_abs": delta_abs / count, "train_acc": correct / count}
         start = time.time()
-        row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args))
+        row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args, self.restart))
         self.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
@@ -255,7 +257,7 @@ def run_final_eval(trainer, dataset, args, log):
         states.update({name: kept["state"] for name, kept in trainer.kept.items()})
     idx = process_share(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
     rows = evaluation.final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
-                                 dataset.test_y[idx].to(args.device), args.eps / 255, args)
+                                 dataset.test_y[idx].to(args.device), args.eps / 255, args, trainer.restart)
     trainer.model.load_state_dict(states["last"])
     attack = f"PGD-{args.final_attack_iters}-{args.final_n_restarts}"
     for row in rows:

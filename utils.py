@@ -190,3 +190,25 @@ def set_rng_state(state):
 @torch.no_grad()
 def clean_correct(model, x, y):
     return model(x).argmax(1) == y
+
+
+def on_side_stream(side, fn, *args):
+    """fn(*args) on the CUDA stream side, after the current stream's work and before its next: the eager work
+    around CUDA graph captures runs off the default stream, as capture needs."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def capture_graph(fn, *args):
+    """(a CUDA graph that reruns fn(*args), the outputs it writes), or (None, the first line of the error) when the
+    capture fails; nothing of fn runs at capture."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn(*args)
+    except RuntimeError as err:
+        return None, str(err).strip().splitlines()[0]
+    return graph, out

@@ -1,4 +1,5 @@
-"""--cuda_graph's schedule of eager, captured and replayed iterations, on the CPU with a stand-in for CUDA graphs.
+"""--cuda_graph's schedule of eager, captured and replayed iterations (training) and PGD restarts (evaluation), on
+the CPU with a stand-in for CUDA graphs.
 
 The stand-in keeps what a CUDA graph guarantees: capture runs nothing (its one run of the body is undone: BatchNorm
 statistics, random state), and a replay redoes the captured computation on the graph's input tensors, writing the
@@ -10,9 +11,12 @@ import copy
 import pytest
 import torch
 
+import attacks
 import config
+import evaluation
 import methods
 import models
+import utils
 from bench import method_args
 
 
@@ -144,3 +148,104 @@ def test_real_cuda_graph_trains_as_eager(half, monkeypatch):
     terms = [steps(x, y, r)["gis"].item() for _ in range(8)]
     assert steps.graph is not None and all(0 < t < float("inf") for t in terms)
     assert not half or scaler.get_scale() >= 2.0 ** 10
+
+
+@pytest.fixture
+def restart_graphs(monkeypatch):
+    """Patch utils.capture_graph with a stand-in: its outputs hold garbage until a replay reruns the function on the
+    captured inputs and writes them; the side stream is a no-op. Returns the counts of captures and replays."""
+    log = {"captures": 0, "replays": 0}
+
+    class Graph:
+        def __init__(self, fn, args, outputs):
+            self.fn, self.args, self.outputs = fn, args, outputs
+
+        def replay(self):
+            log["replays"] += 1
+            for static, value in zip(self.outputs, self.fn(*self.args), strict=True):
+                static.copy_(value)
+
+    def capture_graph(fn, *args):
+        if log.get("fail"):
+            return None, "CUDA error: out of memory"
+        log["captures"] += 1
+        outputs = [torch.full_like(t, True) if t.dtype == torch.bool else torch.full_like(t, float("nan"))
+                   for t in fn(*args)]
+        return Graph(fn, args, outputs), outputs
+
+    monkeypatch.setattr(utils, "capture_graph", capture_graph)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    return log
+
+
+def eval_model(seed, device="cpu"):
+    torch.manual_seed(seed)
+    model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(4, 4, 8, 8)).to(device)
+    return model.apply(models.init_weights).eval()
+
+
+def eval_points(model, n, device="cpu"):
+    """n images, the even ones labelled as the model predicts (attacked at every restart) and the odd ones otherwise
+    (lost at the first: later restarts attack a smaller subset)."""
+    x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return x, torch.where(torch.arange(n, device=device) % 2 == 0, y, (y + 1) % 10)
+
+
+def compare_evaluations(model, restart, x, y, seeds):
+    """pgd_eval with attacks.pgd_restart and with restart (same seeds): the same three results exactly."""
+    for seed in seeds:
+        results = []
+        for fn in (attacks.pgd_restart, restart):
+            torch.manual_seed(seed)
+            results.append(attacks.pgd_eval(model, x, y, 8 / 255, 2 / 255, 3, 4, restart=fn))
+        assert all(torch.equal(a, b) for a, b in zip(*results, strict=True)), seed
+
+
+@pytest.mark.parametrize("max_rows, captured", [(40, {40, 24}), (32, {24})])
+def test_graphed_restarts_evaluate_as_eager_ones(restart_graphs, monkeypatch, max_rows, captured):
+    """Three evaluations of 40 points (the first restart on all 40, the later ones on 20 padded to 24), new weights
+    loaded, three more: the same results as eager restarts; graphs for the shapes of at most GRAPH_MAX_ROWS rows,
+    each captured at its second restart and replayed at every later one."""
+    monkeypatch.setattr(attacks, "ACTIVE_BUCKET", 8)
+    monkeypatch.setattr(evaluation, "GRAPH_MAX_ROWS", max_rows)
+    model = eval_model(0)
+    x, y = eval_points(model, 40)
+    graphed, sizes = evaluation.GraphedRestarts(model), []
+    restart = lambda m, x, *a: (sizes.append(len(x)), graphed(m, x, *a))[1]  # noqa: E731
+    compare_evaluations(model, restart, x, y, range(3))
+    model.load_state_dict(eval_model(1).state_dict())
+    compare_evaluations(model, restart, x, y, range(3, 6))
+    assert {key[0][0] for key in graphed.graphs} == captured and set(sizes) == {40, 24}
+    assert restart_graphs["replays"] == sum(sizes.count(n) - 2 for n in captured)
+
+
+def test_failed_restart_capture_goes_on_eagerly(restart_graphs, caplog):
+    restart_graphs["fail"] = True
+    model = eval_model(0)
+    x, y = eval_points(model, 16)
+    graphed = evaluation.GraphedRestarts(model)
+    compare_evaluations(model, graphed, x, y, range(3))
+    assert graphed.graphs == {} and restart_graphs["replays"] == 0
+    warned = [rec.getMessage() for rec in caplog.records if "--cuda_graph" in rec.getMessage()]
+    assert len(warned) == 1 and "(CUDA error: out of memory)" in warned[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+def test_real_cuda_graph_restarts_evaluate_as_eager(monkeypatch):
+    """On a GPU (cuDNN deterministic, no TF32): graphed restarts give the eager results exactly, and follow weights
+    loaded in place after their capture."""
+    for flag, value in (("benchmark", False), ("deterministic", True), ("allow_tf32", False)):
+        monkeypatch.setattr(torch.backends.cudnn, flag, value)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(attacks, "ACTIVE_BUCKET", 16)
+    model = eval_model(0, "cuda")
+    x, y = eval_points(model, 64, "cuda")
+    graphed = evaluation.GraphedRestarts(model)
+    compare_evaluations(model, graphed, x, y, range(4))
+    assert len(graphed.graphs) == 2 and graphed.failure is None
+    model.load_state_dict(eval_model(1, "cuda").state_dict())
+    compare_evaluations(model, graphed, x, y, range(4, 8))
