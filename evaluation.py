@@ -27,28 +27,34 @@ class GraphedRestarts:
         self.model, self.graphs, self.seen, self.side, self.failure = model, {}, set(), None, None
 
     def __call__(self, model, x, y, delta, eps, step, n_iters):
-        key = (tuple(x.shape), x.stride(), x.dtype, eps, step, n_iters, model.training)
         if model is not self.model:
             return attacks.pgd_restart(model, x, y, delta, eps, step, n_iters)
+        key = (tuple(x.shape), x.stride(), x.dtype, eps, step, n_iters, model.training)
         if key in self.graphs:
-            graph, inputs, outputs = self.graphs[key]
-            for static, value in zip(inputs, (x, y, delta), strict=True):
-                static.copy_(value)
-            graph.replay()
-            return outputs
+            return self._replay(key, x, y, delta)
         self.side = self.side or torch.cuda.Stream()
         out = utils.on_side_stream(self.side, attacks.pgd_restart, model, x, y, delta, eps, step, n_iters)
         if key in self.seen and len(y) <= GRAPH_MAX_ROWS and not self.failure:
-            inputs = (x.clone(), y.clone(), delta.clone())
-            graph, outputs = utils.capture_graph(attacks.pgd_restart, model, *inputs, eps, step, n_iters)
-            if graph is None:
-                self.failure = outputs
-                logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: capturing a PGD restart failed "
-                                                        f"({outputs}); evaluations go on without CUDA graphs")
-            else:
-                self.graphs[key] = graph, inputs, outputs
+            self._capture(key, x, y, delta, eps, step, n_iters)
         self.seen.add(key)
         return out
+
+    def _replay(self, key, x, y, delta):
+        graph, inputs, outputs = self.graphs[key]
+        for static, value in zip(inputs, (x, y, delta), strict=True):
+            static.copy_(value)
+        graph.replay()
+        return outputs
+
+    def _capture(self, key, x, y, delta, eps, step, n_iters):
+        inputs = (x.clone(), y.clone(), delta.clone())
+        graph, outputs = utils.capture_graph(attacks.pgd_restart, self.model, *inputs, eps, step, n_iters)
+        if graph is None:
+            self.failure = outputs
+            logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: capturing a PGD restart failed "
+                                                    f"({outputs}); evaluations go on without CUDA graphs")
+        else:
+            self.graphs[key] = graph, inputs, outputs
 
 
 def per_example(stats_fn, keys, batches):
