@@ -1,4 +1,4 @@
-"""Small helpers: atomic files, logging, progress bars, processes and devices, random generators."""
+"""Small helpers: atomic files, logging, progress bars, processes and devices, random generators, CUDA graphs."""
 import json
 import logging
 import os
