@@ -25,6 +25,13 @@ class FakeStream:
         pass
 
 
+def patch_streams(monkeypatch):
+    """torch.cuda's stream API as no-ops: on the CPU every stream is the one stream."""
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+
+
 @pytest.fixture
 def graphs(monkeypatch):
     """Patch torch.cuda's graph and stream API with the stand-in; returns the captured graphs and replay count."""
@@ -55,9 +62,7 @@ def graphs(monkeypatch):
             raise RuntimeError("CUDA error: out of memory\nmore lines")
         log["captured"].append(key)
 
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    patch_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     return log
@@ -174,16 +179,15 @@ def restart_graphs(monkeypatch):
         return Graph(fn, args, outputs), outputs
 
     monkeypatch.setattr(utils, "capture_graph", capture_graph)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    patch_streams(monkeypatch)
     return log
 
 
 def eval_model(seed, device="cpu"):
+    """A small PreActResNet, initialised on the CPU (the same weights on every device)."""
     torch.manual_seed(seed)
-    model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(4, 4, 8, 8)).to(device)
-    return model.apply(models.init_weights).eval()
+    model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(4, 4, 8, 8)).apply(models.init_weights)
+    return model.to(device).eval()
 
 
 def eval_points(model, n, device="cpu"):
