@@ -114,11 +114,11 @@ def cosines_or_one(a, b):
     return torch.where(valid, cos, 1.0)
 
 
-def grad_cosines(model, x, y, eps):
+def grad_cosines(model, x, y, eps, loss_scale=1.0):
     """Per-example cosine between the input gradients at x and at x + eta (eta uniform on the grid), both through
     the [0, 1] clamp, as the original's periodic log computes it."""
-    grad_x = input_grad(model, x, torch.zeros_like(x), y)[0]
-    grad_eta = input_grad(model, x, uniform_delta(x, eps, on_grid=True), y)[0]
+    grad_x = input_grad(model, x, torch.zeros_like(x), y, loss_scale=loss_scale)[0]
+    grad_eta = input_grad(model, x, uniform_delta(x, eps, on_grid=True), y, loss_scale=loss_scale)[0]
     return cosines_or_one(grad_x, grad_eta)
 
 
@@ -135,13 +135,13 @@ def padded(rows, n_max):
     return torch.cat([rows, rows[:1].expand(n - len(rows))])
 
 
-def pgd_restart(model, x, y, delta, eps, step, n_iters):
+def pgd_restart(model, x, y, delta, eps, step, n_iters, loss_scale=1.0):
     """One restart of the evaluation PGD from delta: n_iters signed steps on the unclipped x + delta, each projected
     to [0, 1] and the ball. Returns (final iterate, its per-example loss, correct there, misclassified at any
     iterate after a step). A fixed-shape computation with no host syncs: evaluation.GraphedRestarts replays it."""
     hit = torch.zeros_like(y, dtype=torch.bool)
     for i in range(n_iters):
-        grad, logits = input_grad(model, x, delta, y, clip=False, reduction="sum")
+        grad, logits = input_grad(model, x, delta, y, clip=False, loss_scale=loss_scale, reduction="sum")
         if i > 0:  # the start may lie outside [0, 1]; every later iterate is an image
             hit |= logits.detach().argmax(1) != y
         delta = signed_step(x, delta, grad, eps, step)
@@ -149,7 +149,7 @@ def pgd_restart(model, x, y, delta, eps, step, n_iters):
     return delta, loss, correct, hit | ~correct
 
 
-def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restart=pgd_restart):
+def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restart=pgd_restart, loss_scale=1.0):
     """The original's PGD-n_iters-n_restarts evaluation of the model as it is (eval mode expected).
 
     Each restart starts uniformly in the eps-ball (unclipped), takes n_iters signed steps, each projected to
@@ -178,8 +178,8 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
         if not len(active):
             continue
         n, rows = len(active), padded(active, len(y))
-        delta, loss, correct, hit = (t[:n] for t in restart(model, x[rows], y[rows], start[rows], eps, step,
-                                                              n_iters))  # the padding's rows dropped
+        delta, loss, correct, hit = (t[:n] for t in restart(model, x[rows], y[rows], start[rows], eps, step, n_iters,
+                                                              loss_scale))  # the padding's rows dropped
         broken[active] |= hit
         better = loss >= max_loss[active]
         kept_delta[active[better]] = delta[better]
@@ -188,9 +188,9 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
     return kept_correct, ~broken, kept_delta
 
 
-def fgsm_eval(model, x, y, step, radius):
+def fgsm_eval(model, x, y, step, radius, loss_scale=1.0):
     """(correct, perturbation) under FGSM from a zero start with the given step, projected to the radius-ball
     (radius >= step leaves the step unprojected, as the original's FGSM step-size sweep does past eps)."""
-    grad = input_grad(model, x, torch.zeros_like(x), y, clip=False, reduction="sum")[0]
+    grad = input_grad(model, x, torch.zeros_like(x), y, clip=False, loss_scale=loss_scale, reduction="sum")[0]
     delta = signed_step(x, torch.zeros_like(x), grad, radius, step)
     return _final_point(model, x, delta, y)[1], delta

@@ -225,7 +225,8 @@ def build_parser():
     p.add_argument("--image_size", type=int, default=32, help="pixels (random images)")
     p.add_argument("--eps", type=float, default=8, help="pixels/255")
     p.add_argument("--batch_size", type=int, default=32, help="training batch (images)")
-    p.add_argument("--half_prec", action="store_true", help="train steps under autocast (evaluation stays fp32)")
+    p.add_argument("--half_prec", action="store_true", help="training steps and the periodic evaluation under "
+                   "autocast, as train.py (the final evaluation stays fp32)")
     p.add_argument("--amp_dtype", default="float16", choices=config.AMP_DTYPES)
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--cuda_graph", action="store_true", help="on a CUDA device: training iterations and "
@@ -264,21 +265,25 @@ def print_eval(model, x, y, eps, opts):
 
 
 def print_periodic_eval(model, x, y, eps, times, opts, base, device):
-    """Seconds of a periodic evaluation with the README flags, eager and (--cuda_graph) graphed, and its share of
-    the wall time of training with each method timed."""
+    """Seconds of a periodic evaluation with the README flags in train.py's precision (--half_prec: the training's
+    autocast), eager and (--cuda_graph) graphed, and its share of the wall time of training with each method timed."""
     n = README_EVAL["n_eval_every_k_iter"]
     eval_args = method_args(f"--batch_size_eval={opts.batch_size_eval} --attack_iters={README_EVAL['attack_iters']} "
                             f"--n_restarts={README_EVAL['n_restarts']}", base, device)
     eval_sets = {"test": (x[:n], y[:n]), "train": (x[-n:], y[-n:])}
     n = len(eval_sets["test"][1])  # fewer when x is
     print(f"\none periodic evaluation (clean, FGSM, PGD-50-10 and gradient cosines on {n} test points, PGD-50-10 "
-          f"on {n} training points), seconds, the first (cuDNN tunes new shapes, graphs are captured) and the second:")
+          f"on {n} training points) {f'under {opts.amp_dtype} autocast' if opts.half_prec else 'in fp32'}, seconds, "
+          "the first (cuDNN tunes new shapes, graphs are captured) and the second:")
     restarts = {"eager": attacks.pgd_restart}
     if opts.cuda_graph:
         restarts["--cuda_graph"] = evaluation.GraphedRestarts(model)
+    scaler = methods.grad_scaler(eval_args)  # under fp16, the evaluation's gradients at its initial loss scale
+    precision = methods.autocast_context(eval_args), (scaler.get_scale() if scaler.is_enabled() else None)
     eval_s = {}
     for name, restart in restarts.items():
-        first, eval_s[name] = (time_periodic_eval(model, eval_sets, eps, eval_args, restart) for _ in range(2))
+        first, eval_s[name] = (time_periodic_eval(model, eval_sets, eps, eval_args, restart, *precision)
+                               for _ in range(2))
         print(f"  {name:>12}: {first:.2f}, {eval_s[name]:.2f}")
     steady = eval_s.get("--cuda_graph", eval_s["eager"])
     if opts.cuda_graph:
@@ -289,11 +294,11 @@ def print_periodic_eval(model, x, y, eps, times, opts, base, device):
         print(f"  {name:>24}: {100 * steady / (steady + README_EVAL['eval_iter_freq'] * t):.1f}%")
 
 
-def time_periodic_eval(model, eval_sets, eps, args, restart):
+def time_periodic_eval(model, eval_sets, eps, args, restart, autocast=None, loss_scale=None):
     device = eval_sets["test"][0].device
     sync(device)
     start = time.perf_counter()
-    evaluation.periodic_eval(model, eval_sets, eps, args, restart)
+    evaluation.periodic_eval(model, eval_sets, eps, args, restart, autocast, loss_scale)
     sync(device)
     return time.perf_counter() - start
 

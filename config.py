@@ -133,6 +133,9 @@ def build_parser(description=None):
     g("--half_prec", action="store_true", help="mixed precision (autocast; fp16 with dynamic loss scaling)")
     g("--amp_dtype", default="float16", help=f"with --half_prec: one of {', '.join(AMP_DTYPES)} (bfloat16 needs "
       "no loss scaling)")
+    g("--periodic_eval_fp32", action="store_true", help="with --half_prec: the periodic evaluations in fp32 (the "
+      "original runs them under its mixed precision, attack gradients at the training's loss scale; the final "
+      "evaluation is fp32 either way)")
     g("--bn_double_backward", default="closed_form", help="BatchNorm's double backward (GradSum, GradAlign): "
       "closed_form (the same gradients in fewer passes over the activations) or autograd (PyTorch's generic one)")
     g("--bn_float32", action="store_true", help="with --half_prec and GradSum/GradAlign: BatchNorm in fp32, as the "

@@ -1,6 +1,7 @@
 """Accuracies under the original's evaluation protocol: periodic evaluations during training, the final one,
-and the pieces eval.py combines. Models are evaluated in eval mode and fp32; points are split over processes
-and every count is global."""
+and the pieces eval.py combines. Models are evaluated in eval mode, in fp32 unless a periodic evaluation is given
+the training's autocast; points are split over processes and every count is global."""
+import contextlib
 import logging
 
 import torch
@@ -21,34 +22,41 @@ class GraphedRestarts:
     second restart (its first runs eagerly, on a side stream, and lets cuDNN tune the shape); later restarts of that
     shape copy their inputs into the graph's and replay it. The graph reads the model's weights where they are, so
     it follows training and load_state_dict. The start is drawn outside it: the results are the eager ones. A
-    capture that fails is logged once, and the evaluations go on eagerly."""
+    capture that fails is logged once, and the evaluations go on eagerly. Under autocast a shape has one graph per
+    dtype, captured without autocast's weight cache (its cast copies would outlive the capture), and the loss scale
+    is one of the graph's inputs."""
 
     def __init__(self, model):
         self.model, self.graphs, self.seen, self.side, self.failure = model, {}, set(), None, None
 
-    def __call__(self, model, x, y, delta, eps, step, n_iters):
+    def __call__(self, model, x, y, delta, eps, step, n_iters, loss_scale=1.0):
         if model is not self.model:
-            return attacks.pgd_restart(model, x, y, delta, eps, step, n_iters)
-        key = (tuple(x.shape), x.stride(), x.dtype, eps, step, n_iters, model.training)
+            return attacks.pgd_restart(model, x, y, delta, eps, step, n_iters, loss_scale)
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        key = (tuple(x.shape), x.stride(), x.dtype, eps, step, n_iters, model.training, autocast)
+        scale = torch.full((), loss_scale, device=x.device)  # copied into the graph's input: it changes in training
         if key in self.graphs:
-            return self._replay(key, x, y, delta)
+            return self._replay(key, x, y, delta, scale)
         self.side = self.side or torch.cuda.Stream()
-        out = utils.on_side_stream(self.side, attacks.pgd_restart, model, x, y, delta, eps, step, n_iters)
+        out = utils.on_side_stream(self.side, attacks.pgd_restart, model, x, y, delta, eps, step, n_iters, scale)
         if key in self.seen and len(y) <= GRAPH_MAX_ROWS and not self.failure:
-            self._capture(key, x, y, delta, eps, step, n_iters)
+            self._capture(key, (x, y, delta, scale), eps, step, n_iters, autocast)
         self.seen.add(key)
         return out
 
-    def _replay(self, key, x, y, delta):
+    def _replay(self, key, *values):
         graph, inputs, outputs = self.graphs[key]
-        for static, value in zip(inputs, (x, y, delta), strict=True):
+        for static, value in zip(inputs, values, strict=True):
             static.copy_(value)
         graph.replay()
         return outputs
 
-    def _capture(self, key, x, y, delta, eps, step, n_iters):
-        inputs = (x.clone(), y.clone(), delta.clone())
-        graph, outputs = utils.capture_graph(attacks.pgd_restart, self.model, *inputs, eps, step, n_iters)
+    def _capture(self, key, values, eps, step, n_iters, autocast):
+        x, y, delta, scale = inputs = tuple(v.clone() for v in values)
+        with torch.autocast(x.device.type, dtype=autocast or None, enabled=bool(autocast), cache_enabled=False):
+            graph, outputs = utils.capture_graph(attacks.pgd_restart, self.model, x, y, delta, eps, step, n_iters,
+                                                 scale)
         if graph is None:
             self.failure = outputs
             logging.getLogger(utils.LOGGER).warning(f"warning: --cuda_graph: capturing a PGD restart failed "
@@ -80,11 +88,19 @@ def batches(x_u8, y, batch_size, desc=None):
     return utils.progress(data.eval_batches(x_u8, y, batch_size), n_batches, desc)
 
 
-def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True, restart=attacks.pgd_restart):
+def example_scale(loss_scale, n):
+    """The scale of a loss summed over n examples that equals loss_scale on their mean (the original scales the
+    batch-mean loss; the evaluation attacks sum it, so that an example's gradient does not depend on the others);
+    1 without loss scaling (None)."""
+    return 1.0 if loss_scale is None else loss_scale / n
+
+
+def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True, restart=attacks.pgd_restart,
+              loss_scale=None):
     """(x, y) -> per-example 'pgd' (correct under the original protocol) and 'pgd_any' (the strict rule)."""
     def stats(x, y):
         correct, robust, _ = attacks.pgd_eval(model, x, y, eps, step or eps * PGD_STEP_FRACTION, n_iters,
-                                              n_restarts, skip_lost, restart)
+                                              n_restarts, skip_lost, restart, example_scale(loss_scale, len(y)))
         return {"pgd": correct, "pgd_any": robust}
     return stats
 
@@ -110,33 +126,39 @@ def fgsm_stats(model, step, radius):
     return lambda x, y: {"fgsm": attacks.fgsm_eval(model, x, y, step, radius)[0]}
 
 
-def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pgd_restart):
+def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pgd_restart, loss_scale=None):
     """Everything the original logs about the test points: clean, FGSM (step eps), PGD accuracy, the cosine
     between the FGSM and PGD perturbations, and the cosine between input gradients at x and at x + eta."""
     def stats(x, y):
-        fgsm_correct, fgsm_delta = attacks.fgsm_eval(model, x, y, eps, eps)
+        scale = example_scale(loss_scale, len(y))
+        fgsm_correct, fgsm_delta = attacks.fgsm_eval(model, x, y, eps, eps, scale)
         pgd_correct, pgd_robust, pgd_delta = attacks.pgd_eval(model, x, y, eps, eps * PGD_STEP_FRACTION,
-                                                              attack_iters, n_restarts, restart=restart)
+                                                              attack_iters, n_restarts, True, restart, scale)
+        cosines = attacks.grad_cosines(model, x, y, eps, loss_scale or 1.0)  # a batch-mean loss, as the original's
         return {"clean_acc": utils.clean_correct(model, x, y), "fgsm_acc": fgsm_correct, "pgd_acc": pgd_correct,
                 "pgd_any_acc": pgd_robust, "cos_fgsm_pgd": attacks.cosines_or_one(fgsm_delta, pgd_delta),
-                "grad_cosine": attacks.grad_cosines(model, x, y, eps).detach()}
+                "grad_cosine": cosines.detach()}
     return stats
 
 
 PERIODIC_TEST_KEYS = ("clean_acc", "fgsm_acc", "pgd_acc", "pgd_any_acc", "cos_fgsm_pgd", "grad_cosine")
 
 
-def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart):
+def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart, autocast=None, loss_scale=None):
     """The original's periodic evaluation on its fixed test and training points (eval mode, no augmentation);
-    restart: attacks.pgd_restart or a GraphedRestarts."""
+    restart: attacks.pgd_restart or a GraphedRestarts; autocast (a context) and loss_scale (None: neither), the
+    mixed precision that the original's apex O1 leaves on for it."""
     (test_x, test_y), (train_x, train_y) = eval_sets["test"], eval_sets["train"]
     was_training = model.training
     model.eval()
-    test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts, restart),
-                               PERIODIC_TEST_KEYS, batches(test_x, test_y, args.batch_size_eval, "test points"))
+    with autocast or contextlib.nullcontext():
+        test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts, restart,
+                                                       loss_scale),
+                                   PERIODIC_TEST_KEYS, batches(test_x, test_y, args.batch_size_eval, "test points"))
+        train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts, restart=restart,
+                                       loss_scale=loss_scale),
+                             ("pgd",), batches(train_x, train_y, args.batch_size_eval, "training points"))
     row = {("test_" + k if k.endswith("_acc") else k): v for k, v in test.items()}
-    train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts, restart=restart), ("pgd",),
-                         batches(train_x, train_y, args.batch_size_eval, "training points"))
     row["train_pgd_acc"] = train["pgd"]
     row["n_eval_points"] = n_points
     model.train(was_training)

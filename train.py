@@ -179,7 +179,8 @@ class Trainer:
                "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
                "train_gis": gis / count, "train_delta_abs": delta_abs / count, "train_acc": correct / count}
         start = time.time()
-        row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args, self.restart))
+        row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args, self.restart,
+                                            *self.eval_precision()))
         self.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
@@ -202,6 +203,13 @@ class Trainer:
         if row["warnings"] and self.args.stop_on_warning:
             raise TrainingUnhealthy(f"stopped by --stop_on_warning at iteration {row['iteration']}: "
                                     f"{row['warnings'][0]}")
+
+    def eval_precision(self):
+        """The periodic evaluation's autocast context and loss scale (None: neither): the training's, which the
+        original's apex O1 leaves on for it; fp32 with --periodic_eval_fp32."""
+        if not self.args.half_prec or self.args.periodic_eval_fp32:
+            return None, None
+        return self.autocast, (self.scaler.get_scale() if self.scaler.is_enabled() else None)
 
     def write_metrics(self):
         if utils.rank() == 0:

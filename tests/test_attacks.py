@@ -242,6 +242,27 @@ def test_loss_scale_prevents_fp16_underflow_of_grad_sum():
     assert abs(scaled / exact - 1) < 1e-2  # ...and loss scaling removes it
 
 
+def test_loss_scale_keeps_fp16_evaluation_attacks_on_the_fp32_path():
+    """Under fp16 autocast (a periodic evaluation under --half_prec) FGSM's and PGD's steps follow the sign of tiny
+    input gradients only when the loss is scaled: then they match fp32 almost everywhere, without it they do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        for layer in model[1:]:
+            layer.weight.mul_(1e-3)  # input gradients of about 1e-7: below fp16's normal range
+    x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
+
+    def perturbations(loss_scale, half):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            fgsm = attacks.fgsm_eval(model, x, y, EPS, EPS, loss_scale)[1]
+            pgd = attacks.pgd_eval(model, x, y, EPS, EPS / 4, 3, 1, loss_scale=loss_scale)[2]
+        return torch.cat([fgsm, pgd])
+    exact = perturbations(1.0, half=False)
+    agree = {s: (perturbations(s, half=True) == exact).double().mean().item() for s in (1.0, 2.0**16 / len(y))}
+    assert agree[2.0**16 / len(y)] > 0.999 and agree[1.0] < 0.5
+
+
 def test_cosines_count_zero_vectors_as_one():
     a = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
     b = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])

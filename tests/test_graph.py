@@ -158,17 +158,21 @@ def test_real_cuda_graph_trains_as_eager(half, monkeypatch):
 @pytest.fixture
 def restart_graphs(monkeypatch):
     """Patch utils.capture_graph with a stand-in: its outputs hold garbage until a replay reruns the function on the
-    captured inputs and writes them; the side stream is a no-op. Returns the counts of captures and replays."""
+    captured inputs, in the precision of the capture (a graph's kernels are fixed), and writes them; the side stream
+    is a no-op. Returns the counts of captures and replays."""
     log = {"captures": 0, "replays": 0}
 
     class Graph:
         def __init__(self, fn, args, outputs):
             self.fn, self.args, self.outputs = fn, args, outputs
+            self.autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
 
         def replay(self):
             log["replays"] += 1
-            for static, value in zip(self.outputs, self.fn(*self.args), strict=True):
-                static.copy_(value)
+            enabled, dtype = self.autocast
+            with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+                for static, value in zip(self.outputs, self.fn(*self.args), strict=True):
+                    static.copy_(value)
 
     def capture_graph(fn, *args):
         if log.get("fail"):
@@ -199,13 +203,13 @@ def eval_points(model, n, device="cpu"):
     return x, torch.where(torch.arange(n, device=device) % 2 == 0, y, (y + 1) % 10)
 
 
-def compare_evaluations(model, restart, x, y, seeds):
+def compare_evaluations(model, restart, x, y, seeds, loss_scale=1.0):
     """pgd_eval with attacks.pgd_restart and with restart (same seeds): the same three results exactly."""
     for seed in seeds:
         results = []
         for fn in (attacks.pgd_restart, restart):
             torch.manual_seed(seed)
-            results.append(attacks.pgd_eval(model, x, y, 8 / 255, 2 / 255, 3, 4, restart=fn))
+            results.append(attacks.pgd_eval(model, x, y, 8 / 255, 2 / 255, 3, 4, restart=fn, loss_scale=loss_scale))
         assert all(torch.equal(a, b) for a, b in zip(*results, strict=True)), seed
 
 
@@ -227,6 +231,24 @@ def test_graphed_restarts_evaluate_as_eager_ones(restart_graphs, monkeypatch, ma
     assert restart_graphs["replays"] == sum(sizes.count(n) - 2 for n in captured)
 
 
+def test_graphed_restarts_follow_autocast_and_the_loss_scale(restart_graphs):
+    """Evaluations in fp32, then under fp16 autocast (a periodic evaluation under --half_prec) at a loss scale that
+    lets tiny input gradients through and at one that does not: the eager results each time, from one graph per
+    precision, the loss scale being one of its inputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        for layer in model[1:]:
+            layer.weight.mul_(1e-3)  # input gradients of about 1e-7: below fp16's normal range
+    x, y = eval_points(model, 32)
+    graphed = evaluation.GraphedRestarts(model)
+    compare_evaluations(model, graphed, x, y, range(2))
+    with torch.autocast("cpu", dtype=torch.float16):
+        for loss_scale in (2.0**11, 1.0, 2.0**11):
+            compare_evaluations(model, graphed, x, y, range(2), loss_scale)
+    assert {key[-1] for key in graphed.graphs} == {False, torch.float16} and restart_graphs["replays"] > 0
+
+
 def test_failed_restart_capture_goes_on_eagerly(restart_graphs, caplog):
     restart_graphs["fail"] = True
     model = eval_model(0)
@@ -239,17 +261,19 @@ def test_failed_restart_capture_goes_on_eagerly(restart_graphs, caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
-def test_real_cuda_graph_restarts_evaluate_as_eager(monkeypatch):
-    """On a GPU (cuDNN deterministic, no TF32): graphed restarts give the eager results exactly, and follow weights
-    loaded in place after their capture."""
+@pytest.mark.parametrize("half", [False, True])
+def test_real_cuda_graph_restarts_evaluate_as_eager(half, monkeypatch):
+    """On a GPU (cuDNN deterministic, no TF32), in fp32 and under fp16 autocast at a loss scale: graphed restarts give
+    the eager results exactly, and follow weights loaded in place after their capture."""
     for flag, value in (("benchmark", False), ("deterministic", True), ("allow_tf32", False)):
         monkeypatch.setattr(torch.backends.cudnn, flag, value)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(attacks, "ACTIVE_BUCKET", 16)
     model = eval_model(0, "cuda")
     x, y = eval_points(model, 64, "cuda")
-    graphed = evaluation.GraphedRestarts(model)
-    compare_evaluations(model, graphed, x, y, range(4))
-    assert len(graphed.graphs) == 2 and graphed.failure is None
-    model.load_state_dict(eval_model(1, "cuda").state_dict())
-    compare_evaluations(model, graphed, x, y, range(4, 8))
+    graphed, loss_scale = evaluation.GraphedRestarts(model), 2.0**10 if half else 1.0
+    with torch.autocast("cuda", dtype=torch.float16, enabled=half, cache_enabled=False):
+        compare_evaluations(model, graphed, x, y, range(4), loss_scale)
+        assert len(graphed.graphs) == 2 and graphed.failure is None
+        model.load_state_dict(eval_model(1, "cuda").state_dict())
+        compare_evaluations(model, graphed, x, y, range(4, 8), loss_scale)
