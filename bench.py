@@ -278,8 +278,8 @@ def print_periodic_eval(model, x, y, eps, times, opts, base, device):
     restarts = {"eager": attacks.pgd_restart}
     if opts.cuda_graph:
         restarts["--cuda_graph"] = evaluation.GraphedRestarts(model)
-    scaler = methods.grad_scaler(eval_args)  # under fp16, the evaluation's gradients at its initial loss scale
-    precision = methods.autocast_context(eval_args), (scaler.get_scale() if scaler.is_enabled() else None)
+    # under fp16, the evaluation's gradients at the scaler's initial loss scale
+    precision = methods.autocast_context(eval_args), methods.current_loss_scale(methods.grad_scaler(eval_args))
     eval_s = {}
     for name, restart in restarts.items():
         first, eval_s[name] = (time_periodic_eval(model, eval_sets, eps, eval_args, restart, *precision)

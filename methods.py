@@ -275,6 +275,11 @@ def grad_scaler(args):
     return torch.amp.GradScaler(args.device.type, enabled=args.half_prec and args.amp_dtype == "float16")
 
 
+def current_loss_scale(scaler):
+    """The scaler's loss scale (a host sync), None when it does not scale."""
+    return scaler.get_scale() if scaler.is_enabled() else None
+
+
 def autocast_context(args):
     if not args.half_prec:
         return nullcontext()

@@ -209,7 +209,7 @@ class Trainer:
         original's apex O1 leaves on for it; fp32 with --periodic_eval_fp32."""
         if not self.args.half_prec or self.args.periodic_eval_fp32:
             return None, None
-        return self.autocast, (self.scaler.get_scale() if self.scaler.is_enabled() else None)
+        return self.autocast, methods.current_loss_scale(self.scaler)
 
     def write_metrics(self):
         if utils.rank() == 0:
