@@ -13,8 +13,8 @@ flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (5) 
     python bench.py --device cuda --batch_size 256 --half_prec --channels_last
     python bench.py --device cuda --batch_size 256 --profile FGSM+GradSum   # where one iteration's time goes
 
-Random weights make evaluation look cheap (most examples are lost at once); pass a trained run for evaluation
-figures that mean something.
+On random weights PGD breaks every example, at losses that may stay below ln K for several restarts; pass a
+trained run (--run) for evaluation figures that mean something.
 """
 import argparse
 import shlex
@@ -149,16 +149,16 @@ def profile_method(model, x, y, eps, args, n_rows=25):
                                      row_limit=n_rows)
 
 
-def bench_eval(model, x, y, eps, batch_size, skip_lost):
-    """(images/s, accuracy under the original protocol) of PGD-50-10 with step eps/4 over x."""
+def bench_eval(model, x_u8, y, eps, batch_size, skip_lost):
+    """(images/s, accuracy under the original protocol) of PGD-50-10 with step eps/4 over x_u8."""
     model.eval()
     torch.manual_seed(0)
-    sync(x.device)
+    sync(x_u8.device)
     start = time.perf_counter()
     stats = evaluation.pgd_stats(model, eps, README_EVAL["attack_iters"], README_EVAL["n_restarts"],
                                  skip_lost=skip_lost)
-    acc = evaluation.fractions(stats, ("pgd",), data.eval_batches(x, y, batch_size))[0]["pgd"]
-    sync(x.device)
+    acc = evaluation.fractions(stats, ("pgd",), data.eval_batches(x_u8, y, batch_size))[0]["pgd"]
+    sync(x_u8.device)
     model.train()
     return len(y) / (time.perf_counter() - start), acc
 
@@ -188,22 +188,24 @@ def bench_data_pipeline(device, batch_size, n_iters):
 
 
 def load_inputs(opts, device):
-    """Model, images, eps and base flags: a finished run's when given, else random weights and images."""
+    """Model, uint8 images (as train.py holds them), labels, eps and base flags: a finished run's when given, else
+    random weights and images."""
+    n = max(opts.batch_size, opts.eval_points)
     if opts.run:
         run = config.load_args(opts.run)
         dataset = data.load_data(run.dataset, run.data_dir)
         model = config.model_from_args(run, dataset)
         model.load_state_dict(config.load_checkpoint(opts.run, "--run")["model"])
-        idx = evaluation.first_points(len(dataset.test_y), max(opts.batch_size, opts.eval_points))
-        x, y = dataset.test_x[idx].float() / 255, dataset.test_y[idx]
+        idx = evaluation.first_points(len(dataset.test_y), n)
+        x_u8, y = dataset.test_x[idx], dataset.test_y[idx]
         base = f"--model={run.model} --n_layers={run.n_layers} --n_filters_cnn={run.n_filters_cnn} --eps={run.eps:g}"
         eps_px = run.eps
     else:
         torch.manual_seed(0)
         model = build_model(opts.model, 10, 3, opts.image_size, None, opts.n_layers, opts.n_filters)
-        x = torch.rand(max(opts.batch_size, opts.eval_points), 3, opts.image_size, opts.image_size)
+        x_u8 = torch.randint(0, 256, (n, 3, opts.image_size, opts.image_size), dtype=torch.uint8)
         with torch.no_grad():
-            y = model.eval()(x).argmax(1)  # every example clean-correct, so PGD has all of them to attack
+            y = model.eval()(x_u8.float() / 255).argmax(1)  # every example clean-correct: PGD attacks all of them
         model.train()
         base = f"--model={opts.model} --n_layers={opts.n_layers} --n_filters_cnn={opts.n_filters} --eps={opts.eps:g}"
         eps_px = opts.eps
@@ -211,8 +213,8 @@ def load_inputs(opts, device):
     precision += " --cuda_graph" if opts.cuda_graph else ""
     model = model.to(device)
     if opts.channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    return model, x.to(device), y.to(device), eps_px, base + precision
+        model, x_u8 = model.to(memory_format=torch.channels_last), x_u8.contiguous(memory_format=torch.channels_last)
+    return model, x_u8.to(device), y.to(device), eps_px, base + precision
 
 
 def build_parser():
@@ -253,8 +255,8 @@ def print_operators(counts, device):
         print(f"| {name} | {n} | {n / counts['none']:.2f} |")
 
 
-def print_eval(model, x, y, eps, opts):
-    results = {skip: bench_eval(model, x[:opts.eval_points], y[:opts.eval_points], eps, opts.batch_size_eval, skip)
+def print_eval(model, x_u8, y, eps, opts):
+    results = {skip: bench_eval(model, x_u8[:opts.eval_points], y[:opts.eval_points], eps, opts.batch_size_eval, skip)
                for skip in (False, True)}
     print(f"\nPGD-50-10 evaluation (the original protocol) of {opts.eval_points} images:")
     print("| mode | images / s | accuracy |\n|---|---|---|")
@@ -264,14 +266,15 @@ def print_eval(model, x, y, eps, opts):
     print(f"speed-up {results[True][0] / results[False][0]:.2f}×")
 
 
-def print_periodic_eval(model, x, y, eps, times, opts, base, device):
-    """Seconds of a periodic evaluation with the README flags in train.py's precision (--half_prec: the training's
-    autocast), eager and (--cuda_graph) graphed, and its share of the wall time of training with each method timed."""
+def print_periodic_eval(model, x_u8, y, eps, times, opts, base, device):
+    """Seconds and accuracies of a periodic evaluation with the README flags in train.py's precision (--half_prec: the
+    training's autocast), eager and (--cuda_graph) graphed, and its share of the wall time of training with each
+    method timed."""
     n = README_EVAL["n_eval_every_k_iter"]
     eval_args = method_args(f"--batch_size_eval={opts.batch_size_eval} --attack_iters={README_EVAL['attack_iters']} "
                             f"--n_restarts={README_EVAL['n_restarts']}", base, device)
-    eval_sets = {"test": (x[:n], y[:n]), "train": (x[-n:], y[-n:])}
-    n = len(eval_sets["test"][1])  # fewer when x is
+    eval_sets = {"test": (x_u8[:n], y[:n]), "train": (x_u8[-n:], y[-n:])}
+    n = len(eval_sets["test"][1])  # fewer when x_u8 is
     print(f"\none periodic evaluation (clean, FGSM, PGD-50-10 and gradient cosines on {n} test points, PGD-50-10 "
           f"on {n} training points) {f'under {opts.amp_dtype} autocast' if opts.half_prec else 'in fp32'}, seconds, "
           "the first (cuDNN tunes new shapes, graphs are captured) and the second:")
@@ -282,9 +285,10 @@ def print_periodic_eval(model, x, y, eps, times, opts, base, device):
     precision = methods.autocast_context(eval_args), methods.current_loss_scale(methods.grad_scaler(eval_args))
     eval_s = {}
     for name, restart in restarts.items():
-        first, eval_s[name] = (time_periodic_eval(model, eval_sets, eps, eval_args, restart, *precision)
-                               for _ in range(2))
-        print(f"  {name:>12}: {first:.2f}, {eval_s[name]:.2f}")
+        (first, _), (eval_s[name], row) = (time_periodic_eval(model, eval_sets, eps, eval_args, restart, *precision)
+                                           for _ in range(2))
+        print(f"  {name:>12}: {first:.2f}, {eval_s[name]:.2f} (test clean {100 * row['test_clean_acc']:.2f}%, PGD "
+              f"{100 * row['test_pgd_acc']:.2f}%; training PGD {100 * row['train_pgd_acc']:.2f}%)")
     steady = eval_s.get("--cuda_graph", eval_s["eager"])
     if opts.cuda_graph:
         print(f"  graphed restarts: {eval_s['eager'] / steady:.2f}× faster")
@@ -295,12 +299,14 @@ def print_periodic_eval(model, x, y, eps, times, opts, base, device):
 
 
 def time_periodic_eval(model, eval_sets, eps, args, restart, autocast=None, loss_scale=None):
+    """(seconds, metrics row) of one periodic evaluation, its random starts seeded (comparable across calls)."""
     device = eval_sets["test"][0].device
+    torch.manual_seed(0)
     sync(device)
     start = time.perf_counter()
-    evaluation.periodic_eval(model, eval_sets, eps, args, restart, autocast, loss_scale)
+    row = evaluation.periodic_eval(model, eval_sets, eps, args, restart, autocast, loss_scale)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, row
 
 
 def main(argv=None):
@@ -314,8 +320,8 @@ def main(argv=None):
         raise SystemExit(f"bench.py: error: --cuda_graph needs a CUDA device, and --device gives {device}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
-    model, x, y, eps_px, base = load_inputs(opts, device)
-    eps = eps_px / 255
+    model, x_u8, y, eps_px, base = load_inputs(opts, device)
+    x, eps = x_u8[:opts.batch_size].float() / 255, eps_px / 255  # a training batch; evaluation converts its own
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} ({device}), torch {torch.__version__}, {base}{' --channels_last' * opts.channels_last}, "
           f"batch {opts.batch_size}, {opts.rounds} rounds of {opts.n_iters} iterations")
@@ -324,7 +330,7 @@ def main(argv=None):
         if opts.profile not in presets:
             raise SystemExit(f"bench.py: error: --profile={opts.profile!r}: choose one of {', '.join(presets)}")
         args = method_args(presets[opts.profile], base, device)
-        print(profile_method(model, x[:opts.batch_size], y[:opts.batch_size], eps, args))
+        print(profile_method(model, x, y[:opts.batch_size], eps, args))
         return
     if "data" in sections:
         print("\n| data | model | image px | pipeline images / s | FGSM training images / s | pipeline share |\n"
@@ -333,7 +339,7 @@ def main(argv=None):
             print("| {} | {} | {} | {:.0f} | {:.1f} | {:.2f}% |".format(*row[:5], 100 * row[4] / row[3]))
     times = {}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = model, x[:opts.batch_size], y[:opts.batch_size], eps
+    batch = model, x, y[:opts.batch_size], eps
     if "methods" in sections:
         times = bench_methods(*batch, base, device, opts.n_iters, opts.rounds, presets)
         print_methods(times)
@@ -341,8 +347,8 @@ def main(argv=None):
         print_operators(count_operators(*batch, base, device, presets), device)
     model.load_state_dict(state)  # the evaluation sees the given weights, not the training steps' updates
     if "eval" in sections:
-        print_eval(model, x, y, eps, opts)
-        print_periodic_eval(model, x, y, eps, times, opts, base, device)
+        print_eval(model, x_u8, y, eps, opts)
+        print_periodic_eval(model, x_u8, y, eps, times, opts, base, device)
 
 
 if __name__ == "__main__":

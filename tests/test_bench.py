@@ -1,9 +1,12 @@
 """bench.py runs end to end at toy size and prints every section (its timings are not checked: they vary); its
 operator count counts what it says."""
+import re
+
 import pytest
 import torch
 
 import bench
+import data
 
 
 def test_benchmark_prints_every_method_and_both_evaluation_modes(capsys):
@@ -15,7 +18,18 @@ def test_benchmark_prints_every_method_and_both_evaluation_modes(capsys):
         assert out.count(f"| {name} |") == 2  # a time and an operator count
     assert "| every restart on every example |" in out and "| skip examples whose loss > ln K |" in out
     assert "device cpu" in out and "torch " in out
-    assert "share of wall time" in out
+    assert "share of wall time" in out and "training PGD" in out
+
+
+def test_evaluation_sections_get_uint8_images_as_train_py_gives_them(capsys, monkeypatch):
+    """data.eval_batches divides by 255: both evaluation sections must hand it the uint8 images (floats in [0, 1]
+    were divided twice, and every evaluation figure was taken on near-black images)."""
+    seen, original = [], data.eval_batches
+    monkeypatch.setattr(data, "eval_batches", lambda x, *a: (seen.append(x), original(x, *a))[1])
+    bench.main(["--device=cpu", "--model=cnn", "--n_filters=4", "--image_size=8", "--eval_points=16",
+                "--batch_size_eval=8", "--sections=eval"])
+    assert re.search(r"eager: .* \(test clean 100\.00%", capsys.readouterr().out)  # the labels are its predictions
+    assert len(seen) == 6 and all(x.dtype == torch.uint8 and x.max() > 1 for x in seen)  # final 2, periodic 2 × 2
 
 
 def test_operator_count_skips_views_allocations_and_non_tensors():
