@@ -178,12 +178,13 @@ class Trainer:
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
                "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
                "train_gis": gis / count, "train_delta_abs": delta_abs / count, "train_acc": correct / count}
+        loss_scale = methods.current_loss_scale(self.scaler)  # one host read: the evaluation changes no scale
         start = time.time()
         row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args, self.restart,
-                                            *self.eval_precision()))
+                                            *self.eval_precision(loss_scale)))
         self.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
-        if self.scaler.is_enabled():
-            row["loss_scale"] = self.scaler.get_scale()
+        if loss_scale is not None:
+            row["loss_scale"] = loss_scale
         self.reset_meters()
         previous = next((r for r in reversed(self.metrics) if r["kind"] == "periodic"), None)
         row["warnings"] = health.period_warnings(row, previous, self.args)
@@ -204,12 +205,12 @@ class Trainer:
             raise TrainingUnhealthy(f"stopped by --stop_on_warning at iteration {row['iteration']}: "
                                     f"{row['warnings'][0]}")
 
-    def eval_precision(self):
+    def eval_precision(self, loss_scale):
         """The periodic evaluation's autocast context and loss scale (None: neither): the training's, which the
         original's apex O1 leaves on for it; fp32 with --periodic_eval_fp32."""
         if not self.args.half_prec or self.args.periodic_eval_fp32:
             return None, None
-        return self.autocast, methods.current_loss_scale(self.scaler)
+        return self.autocast, loss_scale
 
     def write_metrics(self):
         if utils.rank() == 0:

@@ -194,7 +194,7 @@ def test_periodic_evaluation_runs_in_the_training_precision_and_the_final_in_fp3
                                                                                   tmp_path, tiny_data, monkeypatch):
     """The original's periodic evaluation runs under apex O1 with the training's loss scale on its batch-mean loss;
     its final one under amp.disable_casts, in fp32. Every evaluation input gradient is recorded with its phase."""
-    seen, phase, original = [], ["periodic"], attacks.input_grad
+    seen, phase, original, final = [], ["periodic"], attacks.input_grad, train.evaluation.final_eval
 
     def recording(model, x, delta, y, clip=True, create_graph=False, loss_scale=1.0, reduction="mean"):
         grad, logits = original(model, x, delta, y, clip, create_graph, loss_scale, reduction)
@@ -205,14 +205,13 @@ def test_periodic_evaluation_runs_in_the_training_precision_and_the_final_in_fp3
     def final_eval(*args, **kwargs):
         phase[0] = "final"
         return final(*args, **kwargs)
-    final = train.evaluation.final_eval
     monkeypatch.setattr(attacks, "input_grad", recording)
     monkeypatch.setattr(train.evaluation, "final_eval", final_eval)
     code, run_dir = run_cli(f"--attack=fgsm --epochs=1 {flags}", tmp_path, tiny_data)
     assert code == 0
     periodic = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "periodic"]
     assert len(periodic) == 1
-    scale = periodic[0]["loss_scale"] if scaled else 1.0  # the training's, read after the evaluation
+    scale = periodic[0]["loss_scale"] if scaled else 1.0  # the training's at the evaluation
     eval_batch = 8  # --batch_size_eval: the sum over a batch of 8 at scale/8 is its mean at the scale
     expected = {("periodic", periodic_dtype, scale / eval_batch if scaled else 1.0, "sum"),
                 ("periodic", periodic_dtype, scale, "mean"),  # the gradient cosines, of the batch-mean loss
