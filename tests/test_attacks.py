@@ -242,14 +242,21 @@ def test_loss_scale_prevents_fp16_underflow_of_grad_sum():
     assert abs(scaled / exact - 1) < 1e-2  # ...and loss scaling removes it
 
 
-def test_loss_scale_keeps_fp16_evaluation_attacks_on_the_fp32_path():
-    """Under fp16 autocast (a periodic evaluation under --half_prec) FGSM's and PGD's steps follow the sign of tiny
-    input gradients only when the loss is scaled: then they match fp32 almost everywhere, without it they do not."""
+def faint_gradient_model():
+    """A two-layer linear classifier of 3x8x8 images into 10 classes (eval mode) whose input gradients, about 1e-7,
+    lie below fp16's normal range: under fp16 autocast they underflow unless the loss is scaled."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Linear(32, 10)).eval()
     with torch.no_grad():
         for layer in model[1:]:
-            layer.weight.mul_(1e-3)  # input gradients of about 1e-7: below fp16's normal range
+            layer.weight.mul_(1e-3)
+    return model
+
+
+def test_loss_scale_keeps_fp16_evaluation_attacks_on_the_fp32_path():
+    """Under fp16 autocast (a periodic evaluation under --half_prec) FGSM's and PGD's steps follow the sign of tiny
+    input gradients only when the loss is scaled: then they match fp32 almost everywhere, without it they do not."""
+    model = faint_gradient_model()
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
 
     def perturbations(loss_scale, half):

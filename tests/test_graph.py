@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from test_attacks import faint_gradient_model
 
 import attacks
 import config
@@ -235,11 +236,7 @@ def test_graphed_restarts_follow_autocast_and_the_loss_scale(restart_graphs):
     """Evaluations in fp32, then under fp16 autocast (a periodic evaluation under --half_prec) at a loss scale that
     lets tiny input gradients through and at one that does not: the eager results each time, from one graph per
     precision, the loss scale being one of its inputs."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.Linear(32, 10)).eval()
-    with torch.no_grad():
-        for layer in model[1:]:
-            layer.weight.mul_(1e-3)  # input gradients of about 1e-7: below fp16's normal range
+    model = faint_gradient_model()
     x, y = eval_points(model, 32)
     graphed = evaluation.GraphedRestarts(model)
     compare_evaluations(model, graphed, x, y, range(2))
