@@ -63,6 +63,8 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
         assert all((row[f"train_{r.stat}"] > 0) == r.computed(args) for row in periodic)
     final = [r for r in rows if r["kind"] == "final"]
     assert [r["model"] for r in final] == ["last", "early_stopped", "best_test"]
+    fp16 = "--half_prec" in METHODS[method] and "bfloat16" not in METHODS[method]
+    assert all(set(r) == readme_metrics_keys(r["kind"], fp16) for r in rows)
     assert all(r["n_points"] == 12 for r in final)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 2 * iters_per_epoch
@@ -72,6 +74,18 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     timing = json.load(open(os.path.join(run_dir, "timing.json")))
     assert 0 <= timing["periodic_eval_s"] <= timing["train_s"] <= timing["wall_s"]  # evaluations inside training
     assert vars(config.load_args(run_dir)).keys() == vars(config.build_parser().parse_args([])).keys()
+
+
+def readme_metrics_keys(kind, fp16):
+    """The keys the README's table of metrics.jsonl documents for rows of this kind."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    table = text.split("The keys of a `metrics.jsonl` row")[1].split("\n\n")[1]
+    keys = set()
+    for line in table.splitlines()[2:]:
+        names, rows = line.split(" | ")[:2]
+        if rows.split(",")[0].strip() in (kind, "both") and (fp16 or "fp16 only" not in rows):
+            keys |= set(re.findall(r"`(\w+)`", names))
+    return keys
 
 
 @pytest.mark.parametrize("fix, expected", [("", [2, 4, 6]), ("--fix_vfsat_list", [2, 4, 5])])
