@@ -228,9 +228,15 @@ def given_flags(parser, argv):
     return {a.dest for a in parser._actions if names & set(a.option_strings)}
 
 
+# Flags whose default computes something other than what runs saved before the flag existed computed: such a
+# run reads as if it had the flag at the value that reproduces its own computation (its evaluations were fp32).
+BEFORE_THE_FLAG = {"periodic_eval_fp32": True}
+
+
 def load_args(run_dir):
     """A saved run's arguments: its args.json laid over today's defaults, so runs saved before a flag existed
-    read as if they had its default. (Runs saved before the faithful defaults hold every flag explicitly.)"""
+    read as if they had its default, or its BEFORE_THE_FLAG value where the default changed what they compute.
+    (Runs saved before the faithful defaults hold every flag explicitly.)"""
     path = os.path.join(run_dir, "args.json")
     try:
         with open(path) as f:
@@ -239,6 +245,7 @@ def load_args(run_dir):
         raise UsageError(f"{run_dir}: cannot read args.json there ({type(err).__name__}); is it a run "
                          "directory written by train.py?") from None
     args = build_parser().parse_args([])
+    vars(args).update(BEFORE_THE_FLAG)
     vars(args).update({k: v for k, v in saved.items() if not k.startswith("_")})  # _provenance is not a flag
     return args
 

@@ -1,4 +1,6 @@
 """Interrupted runs resume to the same metrics; bad checkpoints and non-finite losses stop cleanly."""
+import inspect
+import json
 import os
 import shlex
 import signal
@@ -126,6 +128,33 @@ def test_damaged_checkpoint_is_refused_with_one_line(damage, tmp_path, tiny_data
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume=" in err[0] and "checkpoint.pt" in err[0]
     assert {p: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_an_fp16_run_saved_before_periodic_eval_fp32_resumes_with_the_fp32_evaluations_it_had(tmp_path, tiny_data,
+                                                                                            monkeypatch):
+    """Periodic evaluations under --half_prec were fp32 until the flag came and made the training's precision the
+    default: such a run, resumed, must go on evaluating as it started."""
+    run_dir = tmp_path / "old"
+    with monkeypatch.context() as m:
+        fail_on_call(m, methods, "train_step", 6)  # in epoch 2, after one checkpoint
+        with pytest.raises(Killed):
+            train.main(argv(tmp_path, tiny_data, "old") + ["--half_prec"])
+    saved = json.loads((run_dir / "args.json").read_text())
+    del saved["periodic_eval_fp32"]  # as args.json was written before the flag existed
+    (run_dir / "args.json").write_text(json.dumps(saved))
+    precisions, periodic_eval = [], evaluation.periodic_eval
+
+    def recording(*a, **kw):
+        call = inspect.signature(periodic_eval).bind(*a, **kw)
+        call.apply_defaults()
+        precisions.append((call.arguments["autocast"], call.arguments["loss_scale"]))
+        return periodic_eval(*a, **kw)
+    monkeypatch.setattr(evaluation, "periodic_eval", recording)
+    assert train.main(["--resume", str(run_dir)]) == 0
+    assert precisions and all(p == (None, None) for p in precisions)  # fp32, no loss scale
+    precisions.clear()
+    assert train.main(argv(tmp_path, tiny_data, "new") + ["--half_prec", "--epochs=1"]) == 0
+    assert precisions and all(autocast is not None and scale > 0 for autocast, scale in precisions)
 
 
 def test_resume_refuses_training_flags(tmp_path, tiny_data, capsys):
