@@ -191,10 +191,11 @@ def check_args(args, n_procs=1):
     need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
     need(args.minibatch_replay == 1 or args.attack == "fgsm", "minibatch_replay", "Free-AT needs --attack=fgsm")
     need(not args.mast or args.attack == "fgsm", "mast", "MAST is an FGSM step: it needs --attack=fgsm")
-    need(not (args.grad_input_sum_coeff and args.grad_align_cos_lambda and args.attack_init == "zero"
-              and not args.fix_gradsum), "grad_input_sum_coeff",
+    gradsum_flag = "grad_input_sum_coeff" if args.grad_input_sum_coeff else "print_g_i_s"  # either computes it
+    need(not (getattr(args, gradsum_flag) and args.grad_align_cos_lambda and args.attack_init == "zero"
+              and not args.fix_gradsum), gradsum_flag,
          "with --grad_align_cos_lambda and --attack_init=zero the original crashes (its GradSum term is never "
-         "computed); add --fix_gradsum to train with both terms")
+         "computed); add --fix_gradsum to compute both terms")
     need(not (args.compile and uses_double_backprop(args)), "compile",
          "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
     need(not args.cuda_graph or (n_procs == 1 and args.minibatch_replay == 1 and not args.compile), "cuda_graph",

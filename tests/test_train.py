@@ -152,6 +152,7 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--no_such_flag=1", "--no_such_flag"),
     ("--compile --grad_align_cos_lambda=0.2", "--compile"),
     ("--attack_init=zero --grad_align_cos_lambda=0.2 --grad_input_sum_coeff=1", "--fix_gradsum"),
+    ("--attack_init=zero --grad_align_cos_lambda=0.2 --print_g_i_s", "--print_g_i_s=True"),
     ("--n_eval_every_k_iter=8", "--n_eval_every_k_iter=8"),
     ("--amp_dtype=float8", "--amp_dtype='float8'"),
     ("--mast --attack=pgd", "--mast=True"),
