@@ -189,8 +189,6 @@ def check_args(args, n_procs=1):
     need(args.n_eval_every_k_iter >= args.batch_size, "n_eval_every_k_iter", f"at least --batch_size "
          f"({args.batch_size}): the original evaluates training points in full training batches")
     need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
-    need(args.minibatch_replay == 1 or args.attack == "fgsm", "minibatch_replay", "Free-AT needs --attack=fgsm")
-    need(not args.mast or args.attack == "fgsm", "mast", "MAST is an FGSM step: it needs --attack=fgsm")
     gradsum_flag = "grad_input_sum_coeff" if args.grad_input_sum_coeff else "print_g_i_s"  # either computes it
     need(not (getattr(args, gradsum_flag) and args.grad_align_cos_lambda and args.attack_init == "zero"
               and not args.fix_gradsum), gradsum_flag,
@@ -198,8 +196,8 @@ def check_args(args, n_procs=1):
          "computed); add --fix_gradsum to compute both terms")
     need(not (args.compile and uses_double_backprop(args)), "compile",
          "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
-    need(not args.cuda_graph or (n_procs == 1 and args.minibatch_replay == 1 and not args.compile), "cuda_graph",
-         "one process, no --minibatch_replay (Free-AT carries its perturbation) and no --compile")
+    need(not args.cuda_graph or (n_procs == 1 and not methods.carries_perturbation(args) and not args.compile),
+         "cuda_graph", "one process, no Free-AT (it carries its perturbation) and no --compile")
     need(args.batch_size % n_procs == 0, "batch_size", f"the global batch must split evenly over {n_procs} processes")
     need(args.run_name is None or RUN_NAME_PATTERN.match(args.run_name), "run_name",
          "use letters, digits, '.', '_' and '-' only")
@@ -211,8 +209,10 @@ def method_name(args):
     """A short filesystem-safe name of the training method, e.g. fgsm-vfsat or pgd10a1.6-gradsum1."""
     pgd = f"{args.pgd_train_n_iters}a{args.pgd_alpha_train:g}"  # iterations and step (pixels/255)
     parts = [{"fgsm": "fgsm", "pgd": f"pgd{pgd}", "pgd_corner": f"pgdcorner{pgd}", "none": "std"}[args.attack]]
-    if args.minibatch_replay > 1:
+    if methods.carries_perturbation(args):
         parts[0] = f"free{args.minibatch_replay}"
+    elif args.minibatch_replay > 1:
+        parts.append(f"replay{args.minibatch_replay}")
     if args.attack_init == "random" and args.attack != "none":
         parts.append("rs")
     flags = (("mast", "mast"), ("discrete_eps", "vfsat"), *((r.flag, r.tag) for r in methods.REGULARISERS))

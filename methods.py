@@ -37,10 +37,16 @@ class StepRadii:
     reg_eps: float
 
 
+def carries_perturbation(args):
+    """Free-AT: FGSM on replayed batches, each step starting from the last perturbation (the original replays
+    batches for any attack, but only its FGSM branch keeps a perturbation)."""
+    return args.attack == "fgsm" and args.minibatch_replay > 1
+
+
 def fgsm_start(x, radii, args, carried):
     """FGSM's starting point: the carried perturbation (Free-AT), zero, or uniform in the full eps-ball (on the
     grid under VFSAT; in the epoch's ball with --fix_vfsat_start)."""
-    if args.minibatch_replay > 1:
+    if carries_perturbation(args):
         return torch.zeros_like(x) if carried is None else carried
     if args.attack_init == "zero":
         return torch.zeros_like(x)

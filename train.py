@@ -119,7 +119,7 @@ class Trainer:
             return self.graphed(x, y, self.radii(epoch))
         stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y, self.radii(epoch), a,
                                   self.carried_delta, self.net if update else None, update)
-        if a.minibatch_replay > 1:
+        if methods.carries_perturbation(a):
             self.carried_delta = delta
         return stats
 
@@ -138,7 +138,7 @@ class Trainer:
         previous = None
         batches = utils.progress(self.batches(epoch), self.n_batches, f"epoch {epoch}/{a.epochs}")
         for i, (x, y) in enumerate(batches):
-            if i % a.minibatch_replay:  # Free-AT as the original: this batch is dropped, the previous replayed
+            if i % a.minibatch_replay:  # as the original (Free-AT): this batch is dropped, the previous replayed
                 x, y = previous
             previous = x, y
             self.iteration += 1
@@ -292,8 +292,13 @@ def notes(args):
     if args.grad_input_sum_coeff and methods.grad_sum_is_constant(args):
         out.append("GradSum is a detached constant with this attack and start, as in the original: it changes the "
                    "logged loss only (--fix_gradsum)")
-    if args.minibatch_replay > 1 and args.attack_init == "random":
+    if methods.carries_perturbation(args) and args.attack_init == "random":
         out.append("Free-AT starts from zero whatever --attack_init says, as in the original")
+    if args.minibatch_replay > 1 and not methods.carries_perturbation(args):
+        out.append(f"--minibatch_replay replays each batch {args.minibatch_replay} times with --attack={args.attack}, "
+                   "without carrying a perturbation, as in the original (Free-AT needs --attack=fgsm)")
+    if args.mast and args.attack != "fgsm":
+        out.append(f"--mast has no effect with --attack={args.attack}, as in the original (it is an FGSM step)")
     return out
 
 

@@ -115,7 +115,10 @@ def test_epoch_zero_moves_batchnorm_statistics_but_not_weights(tmp_path, tiny_da
     assert changed and all("running" in k or "num_batches" in k for k in changed)
 
 
-def test_free_at_replays_batches_within_an_epoch_of_the_loaders_length(tmp_path, tiny_data, monkeypatch):
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_minibatch_replay_replays_batches_within_an_epoch_of_the_loaders_length(attack, tmp_path, tiny_data,
+                                                                                monkeypatch):
+    """The original replays batches for any attack; only FGSM (Free-AT) carries its perturbation on."""
     seen = []
     original = methods.train_step
 
@@ -124,16 +127,31 @@ def test_free_at_replays_batches_within_an_epoch_of_the_loaders_length(tmp_path,
         seen.append((x.clone(), None if carried is None else carried.clone(), delta.clone(), update))
         return stats, delta
     monkeypatch.setattr(methods, "train_step", recording)
-    code, _ = run_cli("--attack=fgsm --minibatch_replay=2 --epochs=2", tmp_path, tiny_data)
+    code, run_dir = run_cli(f"--attack={attack} --pgd_train_n_iters=2 --minibatch_replay=2 --epochs=2", tmp_path,
+                            tiny_data)
     assert code == 0
     assert [u for *_, u in seen] == [False] + [True] * 6  # epoch 0, then 2 epochs of 3 iterations (not 6)
     steps = seen[1:]
     for i in (1, 4):  # the second iteration of each pair replays the first's batch
         assert torch.equal(steps[i][0], steps[i - 1][0])
     assert not torch.equal(steps[2][0], steps[1][0])  # the loader's batch 1 was dropped, batch 2 taken
-    for i in range(1, 6):
-        assert torch.equal(steps[i][1], steps[i - 1][2])  # each iteration starts from the last perturbation
-    assert torch.equal(steps[0][1], seen[0][2])  # carried on from epoch 0
+    if attack == "fgsm":
+        for i in range(1, 6):
+            assert torch.equal(steps[i][1], steps[i - 1][2])  # each iteration starts from the last perturbation
+        assert torch.equal(steps[0][1], seen[0][2])  # carried on from epoch 0
+    else:
+        assert all(carried is None for _, carried, *_ in seen)
+    assert ("without carrying a perturbation" in open(os.path.join(run_dir, "log.txt")).read()) == (attack == "pgd")
+
+
+def test_mast_has_no_effect_on_pgd_training(tmp_path, tiny_data):
+    """The original draws MAST's magnitudes in its FGSM branch only: PGD training ignores --mast."""
+    pgd = "--attack=pgd --pgd_train_n_iters=2 --attack_init=random --epochs=1"
+    runs = [run_cli(f"{pgd} {mast}", tmp_path, tiny_data, name=f"run{i}") for i, mast in enumerate(("", "--mast"))]
+    assert [code for code, _ in runs] == [0, 0]
+    metrics = [utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) for _, run_dir in runs]
+    assert metrics[0] == metrics[1]
+    assert "--mast has no effect" in open(os.path.join(runs[1][1], "log.txt")).read()
 
 
 def test_evaluation_runs_only_on_its_period_and_uses_the_first_points(tmp_path, tiny_data):
