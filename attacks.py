@@ -162,12 +162,13 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
     by a point of even higher loss, so later restarts skip it. The random starts are drawn for the whole batch
     either way, and in eval mode every example's trajectory is its own, so the results are the same.
     restart: pgd_restart or a function that computes the same (a GraphedRestarts).
+    With no iteration or no restart the kept perturbation is zero (the clean point), as in the original.
     """
     kept_delta = torch.zeros_like(x)
     with torch.no_grad():
         logits = model(x)
     broken = logits.argmax(1) != y
-    if n_iters == 0:
+    if n_iters == 0 or n_restarts == 0:
         return ~broken, ~broken, kept_delta
     lost_above = math.log(logits.shape[1]) + LOSS_MARGIN
     max_loss = torch.zeros(len(y), device=x.device, dtype=x.dtype)

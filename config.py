@@ -116,8 +116,9 @@ def build_parser(description=None):
     g("--fix_gradalign_empty", action="store_true", help="GradAlign is 0, not NaN, when no example has two "
       "non-zero gradients")
     g = p.add_argument_group("evaluation").add_argument
-    g("--attack_iters", type=int, default=10, help="periodic evaluation: PGD iterations (step eps/4)")
-    g("--n_restarts", type=int, default=1, help="periodic evaluation: PGD random restarts")
+    g("--attack_iters", type=int, default=10, help="periodic evaluation: PGD iterations (step eps/4); "
+      "0: clean accuracy in its place, as in the original")
+    g("--n_restarts", type=int, default=1, help="periodic evaluation: PGD random restarts (0: as 0 iterations)")
     g("--eval_iter_freq", type=int, default=200, help="evaluate every this many iterations")
     g("--n_eval_every_k_iter", type=int, default=256, help="periodic evaluation on the first this many test "
       "points and training points")
@@ -176,9 +177,10 @@ def check_args(args, n_procs=1):
     for flag, allowed in choices:
         need(getattr(args, flag) in allowed, flag, f"choose one of {', '.join(allowed)}")
     for flag in ("epochs", "batch_size", "batch_size_eval", "n_layers", "n_filters_cnn", "pgd_train_n_iters",
-                 "minibatch_replay", "attack_iters", "n_restarts", "eval_iter_freq", "n_eval_every_k_iter",
-                 "final_attack_iters", "final_n_restarts"):
+                 "minibatch_replay", "eval_iter_freq", "n_eval_every_k_iter"):
         need(getattr(args, flag) >= 1, flag, "must be a positive integer")
+    for flag in ("attack_iters", "n_restarts", "final_attack_iters", "final_n_restarts"):
+        need(getattr(args, flag) >= 0, flag, "must be zero (clean accuracy, as in the original) or positive")
     for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps"):
         need(getattr(args, flag) > 0, flag, "must be positive")
     for flag in ("start_eval_epoch", "weight_decay", *(r.flag for r in methods.REGULARISERS)):

@@ -348,6 +348,19 @@ def test_pgd_eval_equals_closed_form_of_two_class_linear_model(skip_lost):
     assert torch.equal(correct, expected) and torch.equal(robust, expected)
 
 
+@pytest.mark.parametrize("n_iters, n_restarts", [(0, 3), (10, 0)])
+def test_pgd_eval_without_iterations_or_restarts_scores_the_clean_point(n_iters, n_restarts):
+    """The original's attack returns a zero perturbation for 0 iterations and keeps its zero one for 0 restarts:
+    accuracy is clean accuracy, and no random start is drawn."""
+    model, (x, y) = linear_model(scale=0.3), interior_batch(n=64)
+    clean = margin(model, x, y) > 0
+    assert 0 < clean.sum() < len(y)
+    rng = torch.get_rng_state()
+    correct, robust, delta = attacks.pgd_eval(model, x, y, EPS, EPS / 4, n_iters=n_iters, n_restarts=n_restarts)
+    assert torch.equal(correct, clean) and torch.equal(robust, clean) and not delta.any()
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_attacked_subset_is_padded_to_few_batch_sizes(monkeypatch):
     """Batch sizes the model sees: the full batch, then multiples of ACTIVE_BUCKET; results equal unpadded ones."""
     torch.manual_seed(0)

@@ -165,6 +165,17 @@ def test_evaluation_runs_only_on_its_period_and_uses_the_first_points(tmp_path, 
     assert torch.equal(trainer.eval_sets["train"][0], ds.train_x[:16])  # in full training batches
 
 
+@pytest.mark.parametrize("flag", ["--attack_iters=0", "--n_restarts=0"])
+def test_periodic_pgd_without_iterations_or_restarts_is_clean_accuracy(flag, tmp_path, tiny_data):
+    """The original's attack_pgd returns a zero perturbation: PGD accuracy is clean accuracy, and the cosine
+    between the FGSM and the zero PGD perturbation counts as 1 (its nan -> 1 rule)."""
+    code, run_dir = run_cli(f"--attack=fgsm --epochs=2 {flag}", tmp_path, tiny_data)
+    assert code == 0
+    rows = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "periodic"]
+    assert rows and all(r["test_pgd_acc"] == r["test_pgd_any_acc"] == r["test_clean_acc"] for r in rows)
+    assert all(r["cos_fgsm_pgd"] == 1.0 for r in rows)
+
+
 def test_early_stopping_starts_from_the_initial_weights_at_zero(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data)
     initial = train.cpu_copy(trainer.model)
