@@ -94,7 +94,8 @@ def build_parser(description=None):
       "under VFSAT)")
     g("--fgsm_alpha", type=float, default=1.25, help="FGSM step as a multiple of eps")
     g("--mast", action="store_true", help="MAST: the FGSM step's magnitude drawn per pixel from the eps-ball grid")
-    g("--pgd_train_n_iters", type=int, default=10, help="PGD training: iterations")
+    g("--pgd_train_n_iters", type=int, default=10, help="PGD training: iterations (0: train at the start, "
+      "as the original)")
     g("--pgd_alpha_train", type=float, default=2.0, help="PGD training: step, pixels/255")
     g("--minibatch_replay", type=int, default=1, help="Free-AT as the original runs it (fgsm only): each batch "
       "is used this many consecutive iterations and the perturbation is carried over")
@@ -176,11 +177,13 @@ def check_args(args, n_procs=1):
                ("input_normalization", INPUT_NORMALIZATIONS))
     for flag, allowed in choices:
         need(getattr(args, flag) in allowed, flag, f"choose one of {', '.join(allowed)}")
-    for flag in ("epochs", "batch_size", "batch_size_eval", "n_layers", "n_filters_cnn", "pgd_train_n_iters",
-                 "minibatch_replay", "eval_iter_freq", "n_eval_every_k_iter"):
+    for flag in ("epochs", "batch_size", "batch_size_eval", "n_layers", "n_filters_cnn", "minibatch_replay",
+                 "eval_iter_freq", "n_eval_every_k_iter"):
         need(getattr(args, flag) >= 1, flag, "must be a positive integer")
     for flag in ("attack_iters", "n_restarts", "final_attack_iters", "final_n_restarts"):
         need(getattr(args, flag) >= 0, flag, "must be zero (clean accuracy, as in the original) or positive")
+    need(args.pgd_train_n_iters >= 0, "pgd_train_n_iters", "must be zero (training at the start: zero, or uniform "
+         "noise with --attack_init=random, as in the original) or positive")
     for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps"):
         need(getattr(args, flag) > 0, flag, "must be positive")
     for flag in ("start_eval_epoch", "weight_decay", *(r.flag for r in methods.REGULARISERS)):

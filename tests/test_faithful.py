@@ -176,6 +176,15 @@ def test_periodic_pgd_without_iterations_or_restarts_is_clean_accuracy(flag, tmp
     assert all(r["cos_fgsm_pgd"] == 1.0 for r in rows)
 
 
+def test_pgd_training_without_iterations_trains_at_its_start(tmp_path, tiny_data):
+    """The original's PGD-0 returns its start: from zero it is --attack=none (same passes, same random draws)."""
+    runs = [run_cli(f"--epochs=2 {flags}", tmp_path, tiny_data, name=f"run{i}")
+            for i, flags in enumerate(("--attack=pgd --pgd_train_n_iters=0 --attack_init=zero", "--attack=none"))]
+    assert [code for code, _ in runs] == [0, 0]
+    metrics = [utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) for _, run_dir in runs]
+    assert metrics[0] == metrics[1] and metrics[0][0]["train_delta_abs"] == 0
+
+
 def test_early_stopping_starts_from_the_initial_weights_at_zero(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data)
     initial = train.cpu_copy(trainer.model)
