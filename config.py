@@ -97,8 +97,8 @@ def build_parser(description=None):
     g("--pgd_train_n_iters", type=int, default=10, help="PGD training: iterations (0: train at the start, "
       "as the original)")
     g("--pgd_alpha_train", type=float, default=2.0, help="PGD training: step, pixels/255")
-    g("--minibatch_replay", type=int, default=1, help="Free-AT as the original runs it (fgsm only): each batch "
-      "is used this many consecutive iterations and the perturbation is carried over")
+    g("--minibatch_replay", type=int, default=1, help="Free-AT as the original runs it: each batch is used this "
+      "many consecutive iterations, the perturbation carried over (with fgsm; other attacks only replay batches)")
     g("--discrete_eps", action="store_true", help="VFSAT: the training eps cycles over a discrete ramp by epoch")
     g = p.add_argument_group("regularisers").add_argument
     for r in methods.REGULARISERS:

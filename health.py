@@ -1,7 +1,7 @@
 """Warnings about a training period that cannot be learning what it should, and the detection of catastrophic
 overfitting (CO) in a run's periodic evaluations. Pure functions of metrics rows."""
 
-from methods import REGULARISERS
+from methods import REGULARISERS, carries_perturbation
 
 CO_PGD_FRACTION = 1 / 3  # CO: test PGD accuracy below this fraction of its best so far...
 CO_GAP = 0.30  # ...while FGSM accuracy exceeds it by more than this (30 points)
@@ -23,8 +23,8 @@ def co_onset(rows):
 def expected_delta(args, train_eps_px):
     """The mean |delta| an FGSM step from zero gives when input gradients are not zero (pixels in [0, 1] units);
     None for attacks whose perturbation size this cannot predict."""
-    plain_fgsm = (args.attack == "fgsm" and args.attack_init == "zero" and not args.mast and args.minibatch_replay == 1
-                  and args.dataset != "svhn")
+    plain_fgsm = (args.attack == "fgsm" and args.attack_init == "zero" and not args.mast
+                  and not carries_perturbation(args) and args.dataset != "svhn")
     return min(args.fgsm_alpha, 1.0) * train_eps_px / 255 if plain_fgsm and train_eps_px > 0 else None
 
 
