@@ -4,10 +4,13 @@ Every function takes a model and images x in [0, 1] (eps and step sizes in the s
 divided by 255), returns a perturbation, a mask or a scalar, and never touches parameter `.grad`: input
 gradients come from `torch.autograd.grad` with respect to the perturbation only.
 
-Two details of the original matter and are kept:
+Details of the original that matter and are kept:
 - where it feeds `clamp(x + delta, 0, 1)` to the model, the gradient with respect to delta is zero where the
   clamp binds and halved where x + delta sits exactly on 0 or 1 (its clamp is torch.min/torch.max);
-- random points of the eps-ball (`uniform_delta`) are never clipped to [0, 1]; only the step that follows is.
+- random points of the eps-ball (`uniform_delta`) are never clipped to [0, 1]; only the step that follows is;
+- every formula is written with the original's operations in its order (its FGSM step clips to the ball first,
+  its PGD to [0, 1] first; its grid is `mul(255).round().div(255)`), so that the rounding, and through sign steps
+  and ReLU flips everything after it, matches the original on whatever device both run.
 
 `loss_scale` is the mixed-precision loss scale (a float or a 0-d tensor; 1 without loss scaling): losses are
 multiplied by it before differentiation so that fp16 gradients do not underflow, and gradients are divided by it
@@ -18,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-PIXEL = 1 / 255  # one intensity level of an 8-bit image, in [0, 1] units
+LEVELS = 255  # intensity levels of an 8-bit image above 0: one level is 1/255 in [0, 1] units
 LOSS_MARGIN = 1e-3  # nats: cross-entropy above ln(K) + this is misclassified whatever the rounding
 ACTIVE_BUCKET = 64  # examples: PGD's attacked subset is padded to a multiple of this (eval mode: rows independent)
 
@@ -30,14 +33,25 @@ def clamp01(z):
 
 
 def project(x, delta, eps):
-    """delta clipped to the L-inf eps-ball, then x + delta to [0, 1]."""
+    """delta clipped to the L-inf eps-ball, then x + delta to [0, 1] (the original's FGSM training step)."""
     return clamp01(x + delta.clamp(-eps, eps)) - x
+
+
+def project_pgd(x, delta, eps):
+    """x + delta clipped to [0, 1], then delta to the eps-ball (the original's PGD: the same set as project's,
+    other roundings)."""
+    return (clamp01(x + delta) - x).clamp(-eps, eps)
+
+
+def to_grid(delta):
+    """delta rounded to the 1/255 grid as the original rounds it (its tensor_discrete)."""
+    return delta.mul(LEVELS).round().div(LEVELS)
 
 
 def uniform_delta(x, eps, on_grid=False):
     """A point drawn uniformly from the eps-ball, optionally rounded to the 1/255 grid; not clipped to [0, 1]."""
-    delta = (torch.rand_like(x) * 2 - 1) * eps
-    return torch.round(delta / PIXEL) * PIXEL if on_grid else delta
+    delta = torch.empty_like(x).uniform_(-eps, eps)  # the original's draw: the same values on every device
+    return to_grid(delta) if on_grid else delta
 
 
 def input_grad(model, x, delta, y, clip=True, create_graph=False, loss_scale=1.0, reduction="mean"):
@@ -55,12 +69,20 @@ def input_grad(model, x, delta, y, clip=True, create_graph=False, loss_scale=1.0
     return grad / loss_scale, logits
 
 
-def signed_step(x, delta, grad, eps, step):
-    """delta + step * sign(grad), projected to the eps-ball and [0, 1]; `step` may be a tensor (MAST).
+def sign(grad):
+    """sign(grad), 0 where grad is NaN (an fp16 overflow): no step rather than a NaN input."""
+    return torch.nan_to_num(grad.detach()).sign()
 
-    NaN gradients (an fp16 overflow) give no step rather than a NaN input.
-    """
-    return project(x, delta + step * torch.nan_to_num(grad.detach()).sign(), eps)
+
+def fgsm_step(x, delta, grad, eps, radius, alpha=1.0):
+    """The original's FGSM training step: delta + alpha * (radius * sign(grad)) clipped to the eps-ball, then
+    x + delta to [0, 1]; radius may be a tensor (MAST's per-pixel magnitudes)."""
+    return project(x, delta + alpha * (radius * sign(grad)), eps)
+
+
+def pgd_step(x, delta, grad, eps, step):
+    """One step of the original's PGD: delta + step * sign(grad), x + delta clipped to [0, 1], then the ball."""
+    return project_pgd(x, delta + step * sign(grad), eps)
 
 
 def pgd_train(model, x, y, eps, step, n_iters, delta_init, loss_scale=1.0):
@@ -68,7 +90,7 @@ def pgd_train(model, x, y, eps, step, n_iters, delta_init, loss_scale=1.0):
     returns the last iterate."""
     delta = delta_init
     for _ in range(n_iters):
-        delta = signed_step(x, delta, input_grad(model, x, delta, y, loss_scale=loss_scale)[0], eps, step)
+        delta = pgd_step(x, delta, input_grad(model, x, delta, y, loss_scale=loss_scale)[0], eps, step)
     return delta.detach()
 
 
@@ -81,16 +103,23 @@ def grad_sum_penalty(model, x, y, eps, loss_scale=1.0):
     """GradSum: L2 norm of the whole batch's input gradient at x + eta, eta uniform in the eps-ball on the
     1/255 grid and unclipped; differentiable in the parameters (double backprop)."""
     eta = uniform_delta(x, eps, on_grid=True)
-    return input_grad(model, x, eta, y, clip=False, create_graph=True, loss_scale=loss_scale)[0].norm()
+    return l2_norm(input_grad(model, x, eta, y, clip=False, create_graph=True, loss_scale=loss_scale)[0])
+
+
+def l2_norm(v):
+    """The L2 norm of the whole tensor as the original writes it: (v * v).sum() ** 0.5."""
+    return (v * v).sum() ** 0.5
 
 
 def gradient_cosines(grad_a, grad_b):
-    """Per-example cosine between two input gradients, and a mask of examples where both are non-zero."""
-    a, b = grad_a.flatten(1), grad_b.flatten(1)
-    norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
-    valid = (norm_a > 0) & (norm_b > 0)
-    safe = lambda n: torch.where(valid, n, 1.0)  # noqa: E731  (no 0/0, not even in the unused branch's backward)
-    return (a * b).sum(1) / (safe(norm_a) * safe(norm_b)), valid
+    """Per-example cosine between two input gradients, and a mask of examples where both are non-zero; as the
+    original computes it: each gradient divided by its norm ((v**2).sum ** 0.5), then the products summed."""
+    dims = tuple(range(1, grad_a.dim()))
+    squares_a, squares_b = (grad_a**2).sum(dims), (grad_b**2).sum(dims)
+    valid = (squares_a != 0) & (squares_b != 0)
+    # the norms of rows that are left out are 1: no 0/0, not even in the unused branch's backward
+    norm = lambda squares: (torch.where(valid, squares, 1.0) ** 0.5).view(-1, *(1,) * len(dims))  # noqa: E731
+    return ((grad_a / norm(squares_a)) * (grad_b / norm(squares_b))).sum(dims), valid
 
 
 def grad_align_penalty(model, x, y, eps, grad_first, loss_scale=1.0, empty_is_zero=False):
@@ -136,15 +165,15 @@ def padded(rows, n_max):
 
 
 def pgd_restart(model, x, y, delta, eps, step, n_iters, loss_scale=1.0):
-    """One restart of the evaluation PGD from delta: n_iters signed steps on the unclipped x + delta, each projected
-    to [0, 1] and the ball. Returns (final iterate, its per-example loss, correct there, misclassified at any
+    """One restart of the evaluation PGD from delta: n_iters signed steps on the unclipped x + delta, each clipped
+    to [0, 1], then to the ball. Returns (final iterate, its per-example loss, correct there, misclassified at any
     iterate after a step). A fixed-shape computation with no host syncs: evaluation.GraphedRestarts replays it."""
     hit = torch.zeros_like(y, dtype=torch.bool)
     for i in range(n_iters):
         grad, logits = input_grad(model, x, delta, y, clip=False, loss_scale=loss_scale, reduction="sum")
         if i > 0:  # the start may lie outside [0, 1]; every later iterate is an image
             hit |= logits.detach().argmax(1) != y
-        delta = signed_step(x, delta, grad, eps, step)
+        delta = pgd_step(x, delta, grad, eps, step)
     loss, correct = _final_point(model, x, delta, y)
     return delta, loss, correct, hit | ~correct
 
@@ -152,8 +181,8 @@ def pgd_restart(model, x, y, delta, eps, step, n_iters, loss_scale=1.0):
 def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restart=pgd_restart, loss_scale=1.0):
     """The original's PGD-n_iters-n_restarts evaluation of the model as it is (eval mode expected).
 
-    Each restart starts uniformly in the eps-ball (unclipped), takes n_iters signed steps, each projected to
-    [0, 1] and the ball, on every example; per example the final iterate of the restart with the highest loss
+    Each restart starts uniformly in the eps-ball (unclipped), takes n_iters signed steps, each clipped to
+    [0, 1], then to the ball, on every example; per example the final iterate of the restart with the highest loss
     is kept (ties go to the later restart). Returns (correct at the kept point, robust under the strict rule,
     kept perturbation). The strict rule also counts an example as broken when it is misclassified clean or at
     any iterate after a step of any restart; it is never above the original accuracy.
@@ -186,12 +215,19 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
         kept_delta[active[better]] = delta[better]
         kept_correct[active[better]] = correct[better]
         max_loss[active] = torch.maximum(max_loss[active], loss)
-    return kept_correct, ~broken, kept_delta
+    return kept_correct, ~broken, reclamped(x, kept_delta)
+
+
+def reclamped(x, delta):
+    """The original's last line of attack_pgd: clamp(x + delta, 0, 1) - x. x + delta is the same image (the
+    accuracies stand), but delta itself is rounded anew, and the cosines between perturbations read it."""
+    return clamp01(x + delta) - x
 
 
 def fgsm_eval(model, x, y, step, radius, loss_scale=1.0):
     """(correct, perturbation) under FGSM from a zero start with the given step, projected to the radius-ball
-    (radius >= step leaves the step unprojected, as the original's FGSM step-size sweep does past eps)."""
+    (radius >= step leaves the step unprojected, as the original's FGSM step-size sweep does past eps): the
+    original's attack_pgd with one iteration and no random start, its PGD order and last clamp included."""
     grad = input_grad(model, x, torch.zeros_like(x), y, clip=False, loss_scale=loss_scale, reduction="sum")[0]
-    delta = signed_step(x, torch.zeros_like(x), grad, radius, step)
-    return _final_point(model, x, delta, y)[1], delta
+    delta = pgd_step(x, torch.zeros_like(x), grad, radius, step)
+    return _final_point(model, x, delta, y)[1], reclamped(x, delta)

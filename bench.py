@@ -180,7 +180,7 @@ def bench_data_pipeline(device, batch_size, n_iters):
         pipeline = n // batch_size * batch_size / (time.perf_counter() - start)
         model = build_model(model_name, n_classes, 3, size).to(device)
         setup = training_setup(model, method_args("", f"--model={model_name} --eps=8", device))
-        xb, yb = x_u8[:batch_size].float() / 255, y[:batch_size]
+        xb, yb = data.to_unit(x_u8[:batch_size]), y[:batch_size]
         time_iterations(model, setup, xb, yb, 8 / 255, WARMUP_ITERS)
         step = batch_size / time_iterations(model, setup, xb, yb, 8 / 255, n_iters)
         rows.append((name, model_name, size, pipeline, step))
@@ -205,7 +205,7 @@ def load_inputs(opts, device):
         model = build_model(opts.model, 10, 3, opts.image_size, None, opts.n_layers, opts.n_filters)
         x_u8 = torch.randint(0, 256, (n, 3, opts.image_size, opts.image_size), dtype=torch.uint8)
         with torch.no_grad():
-            y = model.eval()(x_u8.float() / 255).argmax(1)  # every example clean-correct: PGD attacks all of them
+            y = model.eval()(data.to_unit(x_u8)).argmax(1)  # every example clean-correct: PGD attacks all of them
         model.train()
         base = f"--model={opts.model} --n_layers={opts.n_layers} --n_filters_cnn={opts.n_filters} --eps={opts.eps:g}"
         eps_px = opts.eps
@@ -321,7 +321,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
     model, x_u8, y, eps_px, base = load_inputs(opts, device)
-    x, eps = x_u8[:opts.batch_size].float() / 255, eps_px / 255  # a training batch; evaluation converts its own
+    x, eps = data.to_unit(x_u8[:opts.batch_size]), eps_px / 255  # a training batch; evaluation converts its own
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name} ({device}), torch {torch.__version__}, {base}{' --channels_last' * opts.channels_last}, "
           f"batch {opts.batch_size}, {opts.rounds} rounds of {opts.n_iters} iterations")

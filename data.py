@@ -416,6 +416,19 @@ def load_data(dataset, data_dir):
                         f"expected {spec.layout}") from None
 
 
+PIXEL_VALUES = torch.arange(256, dtype=torch.float32).div(255)  # torchvision ToTensor's value of each uint8 pixel
+_pixel_tables = {}  # PIXEL_VALUES on each device that asked for it
+
+
+def to_unit(x_u8):
+    """uint8 images as float32 in [0, 1], bit for bit the values of the original's ToTensor (a CPU division) on
+    any device: a division by 255 on CUDA is a multiplication by fl(1/255), one ulp off for 126 of the values."""
+    table = _pixel_tables.get(x_u8.device)
+    if table is None:
+        table = _pixel_tables[x_u8.device] = PIXEL_VALUES.to(x_u8.device)
+    return table[x_u8.int()]
+
+
 def crop_flip_draws(n, generator, padding, flip):
     """Random crop offsets (pixels, in [0, 2 * padding]) and flip decisions for n images."""
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=generator.device)
@@ -452,7 +465,7 @@ def train_batches(x_u8, y, batch_size, generator, padding=4, flip=True, rank=0, 
         # draws are made for the global batch, so augmentation does not depend on the number of ranks
         top, left, mirrored = (d[local] for d in crop_flip_draws(batch_size, generator, padding, flip))
         idx = perm[start:start + batch_size][local]
-        yield crop_flip(x_u8[idx], top, left, mirrored, padding).float().div_(255), y[idx]
+        yield to_unit(crop_flip(x_u8[idx], top, left, mirrored, padding)), y[idx]
 
 
 def n_train_batches(n_examples, batch_size):
@@ -462,4 +475,4 @@ def n_train_batches(n_examples, batch_size):
 def eval_batches(x_u8, y, batch_size):
     """Yield (float images in [0, 1], labels) in order, without augmentation."""
     for start in range(0, len(y), batch_size):
-        yield x_u8[start:start + batch_size].float().div_(255), y[start:start + batch_size]
+        yield to_unit(x_u8[start:start + batch_size]), y[start:start + batch_size]

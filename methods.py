@@ -62,8 +62,8 @@ def perturb(model, x, y, radii, args, loss_scale, carried=None):
         start = fgsm_start(x, radii, args, carried)
         grad = attacks.input_grad(model, x, start.requires_grad_(differentiable), y, create_graph=differentiable,
                                   loss_scale=loss_scale)[0]
-        step = radii.fgsm_alpha * (attacks.uniform_delta(x, radii.eps, on_grid=True) if args.mast else radii.fgsm_eps)
-        return attacks.signed_step(x, start.detach(), grad, radii.fgsm_eps, step), grad
+        radius = attacks.uniform_delta(x, radii.eps, on_grid=True) if args.mast else radii.fgsm_eps
+        return attacks.fgsm_step(x, start.detach(), grad, radii.fgsm_eps, radius, radii.fgsm_alpha), grad
     delta = torch.zeros_like(x)
     if args.attack in ("pgd", "pgd_corner"):
         start = attacks.uniform_delta(x, radii.pgd_eps) if args.attack_init == "random" else delta
@@ -103,7 +103,7 @@ def grad_sum(model, x, y, radii, args, grad, loss_scale):
     """GradSum's unscaled norm: of the attack's gradient where the original reuses it, else of the gradient at a
     random grid point of the ball (double backprop)."""
     if grad_sum_reuses_attack_grad(args):
-        return grad.norm()
+        return attacks.l2_norm(grad)
     return attacks.grad_sum_penalty(model, x, y, radii.reg_eps, loss_scale)
 
 

@@ -49,7 +49,7 @@ def zeros(x):
 def test_fgsm_step_reaches_linear_worst_case():
     model, (x, y) = linear_model(), interior_batch()
     grad, _ = attacks.input_grad(model, x, zeros(x), y)
-    assert torch.equal(attacks.signed_step(x, zeros(x), grad, EPS, EPS), worst_case_delta(model, x, y))
+    assert torch.equal(attacks.fgsm_step(x, zeros(x), grad, EPS, EPS), worst_case_delta(model, x, y))
 
 
 def test_pgd_train_reaches_linear_worst_case_and_closed_form_margin():
@@ -86,7 +86,7 @@ def test_fgsm_from_an_unclipped_random_start_keeps_the_start_where_the_clamp_bin
     y = torch.zeros(4, dtype=torch.long)
     grad, _ = attacks.input_grad(model, x, start, y)
     assert grad[:, 1:].abs().max() == 0 and grad[:, 0].abs().min() > 0
-    delta = attacks.signed_step(x, start, grad, EPS, EPS)
+    delta = attacks.fgsm_step(x, start, grad, EPS, EPS)
     assert torch.equal(delta[:, 1:], torch.zeros_like(delta[:, 1:]))  # start kept, then x + delta clipped to 1
     stepped = (start[:, 0] + EPS * grad[:, 0].sign()).clamp(-EPS, EPS)  # 8/255 or -2/255: from the start
     assert torch.allclose(delta[:, 0], stepped) and len(stepped.unique()) == 2
@@ -99,7 +99,7 @@ def test_attacks_stay_in_ball_and_image_range():
     x[:8], x[8:16] = 0.0, 1.0  # corners of the image cube, where clipping to [0, 1] binds
     y = torch.randint(0, 10, (32,))
     start = attacks.uniform_delta(x, EPS)
-    deltas = [attacks.signed_step(x, start, attacks.input_grad(model, x, start, y)[0], EPS, 1.25 * EPS),
+    deltas = [attacks.fgsm_step(x, start, attacks.input_grad(model, x, start, y)[0], EPS, EPS, 1.25),
               attacks.pgd_train(model, x, y, EPS, 2 / 255, 7, start), attacks.corner(x, start, EPS),
               attacks.pgd_eval(model.eval(), x, y, EPS, 2 / 255, 3, 2)[2], attacks.fgsm_eval(model, x, y, EPS, EPS)[1]]
     for delta in deltas:
