@@ -157,8 +157,26 @@ def build_parser(description=None):
     g("--out_dir", default="runs", help="parent folder of run directories")
     g("--run_name", default=None, help="run directory name (letters, digits, . _ -); default: from the flags")
     g("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint "
-      "(its flags come from RUN_DIR/args.json; only --device may be given too)")
+      f"(its flags come from RUN_DIR/args.json; only --{', --'.join(sorted(RESUME_OVERRIDES))} may be given too)")
+    g("--resume_existing", action="store_true", help="with --run_name: when OUT_DIR/RUN_NAME exists, continue it "
+      "instead of refusing (a finished run exits at once, one without a checkpoint starts again there); its "
+      "flags must equal these (what a rerun of a table or a requeued cluster task does)")
+    g("--progress_every_s", type=float, default=60.0, help="off a terminal (nohup, Slurm), where no progress bar "
+      "is drawn: a progress line every this many seconds (0: at every tenth of an epoch)")
     return p
+
+
+# Flags that cannot change what a run computes: where it runs, where it writes, how it logs, how it was started.
+NOT_COMPUTATIONAL = frozenset({"device", "data_dir", "out_dir", "run_name", "resume", "resume_existing",
+                               "progress_every_s"})
+RESUME_OVERRIDES = frozenset({"device", "data_dir", "progress_every_s"})  # may be given with --resume
+
+
+def computational_differences(saved, args):
+    """{flag: (saved value, this value)} for the flags that change the computation and differ."""
+    now = args_to_dict(args)
+    return {k: (v, now.get(k)) for k, v in args_to_dict(saved).items()
+            if k not in NOT_COMPUTATIONAL and now.get(k) != v}
 
 
 def uses_double_backprop(args):
@@ -256,6 +274,25 @@ def load_args(run_dir):
     return args
 
 
+def saved_extras(run_dir):
+    """The entries of a run's args.json that are not flags (_provenance, _data), {} where there are none."""
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            return {k: v for k, v in json.load(f).items() if k.startswith("_")}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_fingerprint(run_dir, dataset, data_dir, flag="--data_dir"):
+    """UsageError unless the data loaded from data_dir is the data the run was trained on (runs saved before
+    fingerprints were recorded pass)."""
+    saved = saved_extras(run_dir).get("_data", {}).get("fingerprint")
+    here = data.fingerprint(dataset)
+    if saved and saved != here:
+        raise UsageError(f"{flag}={data_dir!r}: that data ({here}) is not the run's ({saved}); give the folder "
+                         "the run was trained on")
+
+
 def args_to_dict(args):
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
             for k, v in vars(args).items()}
@@ -308,7 +345,9 @@ def open_saved_run(opts):
     states = saved_models(load_checkpoint(opts.run, "RUN_DIR"))
     opts.eps = opts.eps or run.eps
     device = device_from_flag(opts.device)
-    dataset = data.load_data(run.dataset, opts.data_dir or run.data_dir)
+    data_dir = opts.data_dir or run.data_dir
+    dataset = data.load_data(run.dataset, data_dir, download=False)
+    check_fingerprint(opts.run, dataset, data_dir)
     return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, device)
 
 

@@ -400,12 +400,15 @@ DATASETS = {
 }
 
 
-def load_data(dataset, data_dir):
-    """The named dataset from data_dir, downloaded there first when missing and downloadable."""
+def load_data(dataset, data_dir, download=True):
+    """The named dataset from data_dir, downloaded there first when missing, downloadable and `download`."""
     spec = DATASETS.get(dataset)
     if spec is None:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if not spec.present(data_dir):
+        if not download:
+            raise DataError(f"{data_dir} does not hold {dataset} (not downloaded: the run's own data is needed); "
+                            f"expected {spec.layout}")
         if not spec.downloads:
             raise DataError(f"{data_dir} does not hold {dataset}: expected {spec.layout}")
         _download(dataset, spec, data_dir)
@@ -427,6 +430,18 @@ def to_unit(x_u8):
     if table is None:
         table = _pixel_tables[x_u8.device] = PIXEL_VALUES.to(x_u8.device)
     return table[x_u8.int()]
+
+
+FINGERPRINT_POINTS = 64  # images of each split hashed into a dataset's fingerprint
+
+
+def fingerprint(ds):
+    """A cheap identity of the data: the sizes of the splits and a hash of their first images and labels."""
+    digest = hashlib.sha1()
+    for x, y in ((ds.train_x, ds.train_y), (ds.test_x, ds.test_y)):
+        digest.update(x[:FINGERPRINT_POINTS].contiguous().numpy().tobytes())
+        digest.update(y[:FINGERPRINT_POINTS].numpy().tobytes())
+    return f"{len(ds.train_y)} train + {len(ds.test_y)} test images, sha1 {digest.hexdigest()[:12]}"
 
 
 def crop_flip_draws(n, generator, padding, flip):
@@ -454,16 +469,19 @@ def epoch_generator(seed, epoch, device):
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def train_batches(x_u8, y, batch_size, generator, padding=4, flip=True, rank=0, world_size=1):
-    """Yield the epoch's full batches as (float images in [0, 1], labels), shuffled and augmented on x's device.
+def train_batches(x_u8, y, batch_size, generator, padding=4, flip=True, rank=0, world_size=1, skip=0):
+    """Yield the epoch's full batches as (float images in [0, 1], labels), shuffled and augmented on x's device;
+    the first `skip` batches are drawn but not made (a run resumed within the epoch).
 
     batch_size is the global batch: each of world_size ranks takes a disjoint batch_size // world_size slice.
     """
     perm = torch.randperm(len(y), generator=generator, device=generator.device).to(y.device)
     local = slice(rank * (batch_size // world_size), (rank + 1) * (batch_size // world_size))
-    for start in range(0, len(y) - batch_size + 1, batch_size):
+    for i, start in enumerate(range(0, len(y) - batch_size + 1, batch_size)):
         # draws are made for the global batch, so augmentation does not depend on the number of ranks
         top, left, mirrored = (d[local] for d in crop_flip_draws(batch_size, generator, padding, flip))
+        if i < skip:
+            continue
         idx = perm[start:start + batch_size][local]
         yield to_unit(crop_flip(x_u8[idx], top, left, mirrored, padding)), y[idx]
 

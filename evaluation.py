@@ -165,16 +165,20 @@ def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart, auto
     return row
 
 
-def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart):
+def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, watch=None):
     """One row per saved model: clean, FGSM (step eps) and PGD accuracy under the final attack, the original
-    protocol ('pgd_acc') and the strict rule ('pgd_any_acc')."""
+    protocol ('pgd_acc') and the strict rule ('pgd_any_acc'). watch(batches, n_batches, desc), when given, wraps
+    each model's batches (progress lines, stops)."""
     rows = []
     model.eval()
     keys = ("clean", "fgsm", "pgd", "pgd_any")
+    n_batches = -(-len(y) // args.batch_size_eval)
     for name, state in states.items():
         model.load_state_dict(state)
+        desc = f"final evaluation: {name}"
+        model_batches = batches(x_u8, y, args.batch_size_eval, desc)
         accs, n = fractions(final_stats(model, eps, args, restart), keys,
-                            batches(x_u8, y, args.batch_size_eval, f"final evaluation: {name}"))
+                            watch(model_batches, n_batches, desc) if watch else model_batches)
         rows.append({"kind": "final", "model": name, **{f"{k}_acc": v for k, v in accs.items()}, "n_points": n})
     model.train()
     return rows

@@ -26,6 +26,7 @@ from config import UsageError
 
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
 METER_KEYS = ("loss", "reg", "gis", "delta_abs", "correct")
+STOP_SYNC_ITERS = 20  # under torchrun, processes agree on a stop signal every this many iterations
 
 
 # ---------------------------------------------------------------- loop
@@ -78,6 +79,10 @@ class Trainer:
         self.n_batches = data.n_train_batches(len(self.train_y), args.batch_size)
         self.total_iters = args.epochs * self.n_batches
         self.iteration, self.epoch, self.metrics = 0, 0, []
+        self.batch_in_epoch = 0  # batches of epoch self.epoch + 1 already trained (a run stopped within an epoch)
+        self.previous = None  # the batch that Free-AT's replay repeats
+        self.stop = utils.StopSignals()  # main() activates it; a Trainer made elsewhere is never asked to stop
+        self.lines = utils.ProgressLines(args.progress_every_s)
         initial = cpu_copy(self.model)  # the original's early stopping starts from the initial weights, at 0
         self.kept = {name: {"state": initial, "iteration": 0, "acc": 0.0} for name in ("early_stopped", "best_test")}
         self.carried_delta = None
@@ -106,11 +111,11 @@ class Trainer:
         return methods.StepRadii(eps=a.eps / 255, fgsm_eps=vfsat_eps, pgd_eps=warmup * a.eps / 255,
                          fgsm_alpha=warmup * a.fgsm_alpha, reg_eps=vfsat_eps if a.vfsat_reg_eps else a.eps / 255)
 
-    def batches(self, epoch):
+    def batches(self, epoch, skip=0):
         a = self.args
         gen = data.epoch_generator(a.seed, epoch, a.device)
         for x, y in data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
-                                       utils.rank(), utils.world_size()):
+                                       utils.rank(), utils.world_size(), skip):
             yield (x.contiguous(memory_format=torch.channels_last) if a.channels_last else x), y
 
     def step(self, x, y, epoch, update=True):
@@ -131,16 +136,18 @@ class Trainer:
         self.step(x, y, 0, update=False)
 
     def train_epoch(self):
-        """Training epoch self.epoch + 1 (1-based, as the original counts them)."""
-        a, epoch = self.args, self.epoch + 1
+        """Training epoch self.epoch + 1 (1-based, as the original counts them), from its batch
+        self.batch_in_epoch on; a stop signal ends it after the current iteration, with a checkpoint there."""
+        a, epoch, first = self.args, self.epoch + 1, self.batch_in_epoch
         self.model.train()
-        self.reset_meters()  # the original's running averages restart with each epoch
-        previous = None
-        batches = utils.progress(self.batches(epoch), self.n_batches, f"epoch {epoch}/{a.epochs}")
-        for i, (x, y) in enumerate(batches):
+        if first == 0:
+            self.reset_meters()  # the original's running averages restart with each epoch
+            self.previous = None
+        batches = utils.progress(self.batches(epoch, skip=first), self.n_batches - first, f"epoch {epoch}/{a.epochs}")
+        for i, (x, y) in enumerate(batches, first):
             if i % a.minibatch_replay:  # as the original (Free-AT): this batch is dropped, the previous replayed
-                x, y = previous
-            previous = x, y
+                x, y = self.previous
+            self.previous = x, y
             self.iteration += 1
             lr = schedules.learning_rate(a.lr_schedule, a.lr_max, epoch - 1 + (i + 1) / self.n_batches, a.epochs)
             for group in self.opt.param_groups:
@@ -148,8 +155,36 @@ class Trainer:
             self.record_step(self.step(x, y, epoch), len(y))
             if self.iteration % a.eval_iter_freq == 0 and epoch > a.start_eval_epoch:
                 self.evaluate(lr, schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list))
+            self.batch_in_epoch = i + 1
+            self.log_progress(epoch)
+            if self.batch_in_epoch < self.n_batches and self.stop_asked():
+                self.save_checkpoint()
+                raise utils.StopRequested(self.where())
         self.check_finite()
-        self.epoch = epoch
+        self.epoch, self.batch_in_epoch = epoch, 0
+
+    def stop_asked(self):
+        """Whether a stop signal came (all processes agree, at every STOP_SYNC_ITERS-th iteration under torchrun:
+        a collective per iteration would stall the GPUs' queue)."""
+        if utils.is_distributed():
+            return self.iteration % STOP_SYNC_ITERS == 0 and self.stop.requested(collective=True)
+        return self.stop.requested()
+
+    def where(self):
+        within = f", batch {self.batch_in_epoch}/{self.n_batches} of epoch {self.epoch + 1}" if self.batch_in_epoch \
+            else f", the end of epoch {self.epoch}"
+        return f"iteration {self.iteration}/{self.total_iters}{within}"
+
+    def log_progress(self, epoch):
+        """Off a terminal: iteration, epoch, pace, the training loss and accuracy so far, and the run's ETA."""
+        if not self.lines.due(self.batch_in_epoch, self.n_batches):
+            return
+        m = self.meters
+        n = max(m["count"], 1)
+        self.log.info(f"progress: iter {self.iteration}/{self.total_iters} epoch {epoch}/{self.args.epochs} (batch "
+                      f"{self.batch_in_epoch}/{self.n_batches}) | {self.lines.rate(self.iteration):.2f} it/s | loss "
+                      f"{float(m['loss']) / n:.4f} acc {100 * float(m['correct']) / n:.1f} | ETA "
+                      f"{self.lines.eta(self.iteration, self.total_iters)} (training)")
 
     def record_step(self, stats, n):
         m = self.meters
@@ -217,23 +252,35 @@ class Trainer:
             utils.write_jsonl(self.metrics, os.path.join(self.run_dir, "metrics.jsonl"))
 
     def state_dict(self):
-        """Everything needed to continue exactly from the end of the current epoch; what differs between
-        processes (random generators, Free-AT perturbation) is kept for each of them."""
-        own = {"rng": utils.rng_state(),
-               "carried_delta": None if self.carried_delta is None else self.carried_delta.cpu()}
+        """Everything needed to continue exactly from this iteration, at an epoch's end or within it; what differs
+        between processes (random generators, Free-AT perturbation, running sums, the replayed batch) is kept for
+        each of them."""
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        own = {"rng": utils.rng_state(), "carried_delta": cpu(self.carried_delta),
+               "meters": {k: cpu(v) if torch.is_tensor(v) else v for k, v in self.meters.items()},
+               "first_nonfinite": cpu(self.first_nonfinite),
+               "previous": None if self.previous is None or self.args.minibatch_replay == 1 else
+               tuple(cpu(t) for t in self.previous)}
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
+                "batch_in_epoch": self.batch_in_epoch, "periodic_eval_s": self.periodic_eval_s,
                 "kept": self.kept, "metrics": self.metrics, "processes": utils.all_gather(own),
                 "args": config.args_to_dict(self.args)}
 
     def load_state_dict(self, state):
+        dev = self.args.device
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration, self.kept, self.metrics = (state[k] for k in ("epoch", "iteration", "kept",
                                                                                   "metrics"))
+        self.batch_in_epoch, self.periodic_eval_s = state.get("batch_in_epoch", 0), state.get("periodic_eval_s", 0.0)
         own = state["processes"][utils.rank()]
-        self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(self.args.device)
+        self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(dev)
+        if "meters" in own:  # checkpoints written within an epoch; older ones were all written at its end
+            self.meters = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in own["meters"].items()}
+            self.first_nonfinite = own["first_nonfinite"].to(dev)
+            self.previous = None if own["previous"] is None else tuple(t.to(dev) for t in own["previous"])
         utils.set_rng_state(own["rng"])
 
     def save_checkpoint(self):
@@ -266,7 +313,8 @@ def run_final_eval(trainer, dataset, args, log):
         states.update({name: kept["state"] for name, kept in trainer.kept.items()})
     idx = process_share(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
     rows = evaluation.final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
-                                 dataset.test_y[idx].to(args.device), args.eps / 255, args, trainer.restart)
+                                 dataset.test_y[idx].to(args.device), args.eps / 255, args, trainer.restart,
+                                 watch=lambda batches, n, desc: final_eval_watch(trainer, batches, n, desc))
     trainer.model.load_state_dict(states["last"])
     attack = f"PGD-{args.final_attack_iters}-{args.final_n_restarts}"
     for row in rows:
@@ -276,6 +324,15 @@ def run_final_eval(trainer, dataset, args, log):
                  f"FGSM {100 * row['fgsm_acc']:.2f}% {attack} {100 * row['pgd_acc']:.2f}% (strict: "
                  f"{100 * row['pgd_any_acc']:.2f}%) on {row['n_points']} points")
     return rows
+
+
+def final_eval_watch(trainer, batches, n_batches, desc):
+    """The final evaluation's batches, with progress lines off a terminal and, in one process, a stop between
+    batches (the training's checkpoint is complete: a resumed run evaluates again)."""
+    for batch in utils.logged_progress(batches, n_batches, desc, trainer.args.progress_every_s, trainer.log):
+        if not utils.is_distributed() and trainer.stop.requested():
+            raise utils.StopRequested(f"the final evaluation, after {trainer.where()}")
+        yield batch
 
 
 def notes(args):
@@ -302,9 +359,10 @@ def notes(args):
     return out
 
 
-def run(args, dataset, log, run_dir, checkpoint=None):
+def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
     torch.manual_seed(args.seed)
     trainer = Trainer(args, dataset, run_dir, log)
+    trainer.stop = stop or trainer.stop
     if utils.world_size() > 1:
         torch.manual_seed(args.seed + utils.rank())  # processes draw different attack starts
     if checkpoint is not None:
@@ -326,11 +384,13 @@ def run(args, dataset, log, run_dir, checkpoint=None):
     if args.sync_bn and trainer.net is not None and args.device.type != "cuda":
         log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
     start = time.time()
-    if trainer.epoch == 0:
+    if trainer.iteration == 0:
         trainer.epoch_zero()
     while trainer.epoch < args.epochs:
         trainer.train_epoch()
         trainer.save_checkpoint()
+        if trainer.stop_asked() if trainer.epoch < args.epochs else trainer.stop.requested(collective=True):
+            raise utils.StopRequested(trainer.where())
     train_s = time.time() - start
     n_procs = trainer.check_replicas()
     replicas = f"; {n_procs} processes hold identical weights" if n_procs > 1 else ""
@@ -347,8 +407,9 @@ def run(args, dataset, log, run_dir, checkpoint=None):
 
 
 def resume_args(parser, argv, args):
-    """The resumed run's own arguments (from its args.json), with --device overridable."""
-    extra = config.given_flags(parser, argv) - {"resume", "device"}
+    """The resumed run's own arguments (from its args.json), with config.RESUME_OVERRIDES taken from argv."""
+    given = config.given_flags(parser, argv)
+    extra = given - {"resume"} - config.RESUME_OVERRIDES
     if extra:
         raise UsageError(f"--resume={args.resume!r}: takes no training flags (got --{', --'.join(sorted(extra))}); "
                          "the run's flags are read from its args.json")
@@ -356,38 +417,70 @@ def resume_args(parser, argv, args):
         resumed = config.load_args(args.resume)
     except UsageError as err:
         raise UsageError(f"--resume={args.resume!r}: {err}") from None
-    if "device" in config.given_flags(parser, argv):
-        resumed.device = args.device
+    for flag in given & config.RESUME_OVERRIDES:
+        setattr(resumed, flag, getattr(args, flag))
     resumed.resume = args.resume
     return resumed
 
 
+def existing_run_args(args):
+    """--resume_existing: the existing run's arguments if OUT_DIR/RUN_NAME holds a checkpoint whose flags equal
+    these (a run that never reached one starts again); args otherwise."""
+    if not args.run_name or args.resume:
+        raise UsageError("--resume_existing: needs --run_name, the run to continue, and no --resume")
+    run_dir = os.path.join(args.out_dir, args.run_name)
+    if not os.path.exists(os.path.join(run_dir, config.CHECKPOINT)):
+        return args
+    saved = config.load_args(run_dir)
+    differ = config.computational_differences(saved, args)
+    if differ:
+        listed = "; ".join(f"--{k} {v[0]!r} there, {v[1]!r} here" for k, v in sorted(differ.items()))
+        raise UsageError(f"--resume_existing: {run_dir} is a run with other flags ({listed}); give another "
+                         "--run_name or --out_dir")
+    for flag in config.RESUME_OVERRIDES:
+        setattr(saved, flag, getattr(args, flag))
+    saved.resume, saved.resume_existing = run_dir, True
+    return saved
+
+
 def prepare(argv):
-    """Parse and check everything, load the data and the checkpoint: all errors before any file is written."""
+    """Parse and check everything, load the data and the checkpoint: all errors before any file is written.
+    Returns (args, dataset, checkpoint, what args.json records of the data); a finished run's data is not loaded
+    (dataset None): there is nothing left to do."""
     parser = config.build_parser(__doc__)
     args = parser.parse_args(argv)
+    if args.resume_existing:
+        args = existing_run_args(args)
+    elif args.resume:
+        args = resume_args(parser, argv, args)
     checkpoint = None
     if args.resume:
-        args = resume_args(parser, argv, args)
         checkpoint = config.load_checkpoint(args.resume)
         n_saved, n_now = len(checkpoint.get("processes", [])), utils.dist_env()[1]
         if n_saved != n_now:
             raise UsageError(f"--resume={args.resume!r}: the run used {n_saved} process(es); resume it with as "
                              f"many (this is {n_now})")
+        if any(row["kind"] == "final" for row in checkpoint["metrics"]):
+            return args, None, checkpoint, None
     config.check_args(args, utils.dist_env()[1])
     args.device = config.device_from_flag(args.device)
     if args.cuda_graph and args.device.type != "cuda":
         raise UsageError(f"--cuda_graph: needs a CUDA device, and this run's is {args.device}; drop the flag")
     if args.load_model:
         config.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
-    dataset = data.load_data(args.dataset, args.data_dir)
-    return args, dataset, checkpoint
+    given, args.data_dir = args.data_dir, os.path.abspath(args.data_dir)  # a resume from elsewhere finds it
+    dataset = data.load_data(args.dataset, args.data_dir, download=checkpoint is None)
+    if checkpoint is not None:
+        config.check_fingerprint(args.resume, dataset, given)
+    return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": data.fingerprint(dataset)}
 
 
 def make_run_dir(args):
     name = args.run_name or (f"{time.strftime('%Y%m%d-%H%M%S')}-{args.dataset}-{args.model}-"
                              f"{config.method_name(args)}-eps{args.eps:g}-seed{args.seed}")
     run_dir = os.path.join(args.out_dir, name)
+    if args.resume_existing and os.path.isdir(run_dir):  # it never reached a checkpoint: it starts again there
+        return run_dir
     if os.path.exists(run_dir):
         raise UsageError(f"--run_name={name!r}: {run_dir} already exists; choose another name or --out_dir")
     try:
@@ -409,47 +502,70 @@ def shared_run_dir(args):
     return utils.broadcast((run_dir, error))
 
 
+def resume_hint(run_dir):
+    path = os.path.join(run_dir, config.CHECKPOINT)
+    if not os.path.exists(path):
+        return "no checkpoint had been written: start the run again"
+    return (f"{path} is intact ({os.path.getsize(path) / 2**20:.1f} MiB); continue with: python train.py --resume "
+            f"{run_dir}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
     first_process = utils.dist_env()[0] == 0
+    say = lambda line: first_process and print(f"train.py: {line}", file=sys.stderr)  # noqa: E731
+    run_dir = None
     try:
-        args, dataset, checkpoint = prepare(argv)
-    except (UsageError, data.DataError) as err:
-        if first_process:
-            print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    utils.init_distributed(args.device)
-    try:
-        run_dir, error = shared_run_dir(args)
-        if error:
-            if first_process:
-                print(f"train.py: error: {error}", file=sys.stderr)
+        try:
+            args, dataset, checkpoint, data_info = prepare(argv)
+        except (UsageError, data.DataError) as err:
+            say(f"error: {err}")
             return 2
-        log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
-        if checkpoint is None and first_process:
-            saved = {**config.args_to_dict(args), "_provenance": utils.provenance(args.device, argv)}
-            utils.atomic_write_text(json.dumps(saved, indent=2) + "\n", os.path.join(run_dir, "args.json"))
-        log.info(f"run directory {run_dir}")
-        run(args, dataset, log, run_dir, checkpoint)
+        if dataset is None:
+            say(f"{args.resume} had already finished: nothing to do")
+            return 0
+        utils.init_distributed(args.device)
+        with utils.StopSignals() as stop:
+            return train_in(args, dataset, checkpoint, data_info, argv, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        say("interrupted" + (f"; {resume_hint(run_dir)}" if run_dir else ""))
+        return 130
+    finally:
+        if utils.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def train_in(args, dataset, checkpoint, data_info, argv, stop):
+    """Make (or reopen) the run directory and run; the exit status."""
+    first_process = utils.rank() == 0
+    run_dir, error = shared_run_dir(args)
+    if error:
+        if first_process:
+            print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
+    if checkpoint is None and first_process:
+        saved = {**config.args_to_dict(args), "_provenance": utils.provenance(args.device, argv), "_data": data_info}
+        utils.atomic_write_text(json.dumps(saved, indent=2) + "\n", os.path.join(run_dir, "args.json"))
+    log.info(f"run directory {run_dir}")
+    try:
+        run(args, dataset, log, run_dir, checkpoint, stop)
         if utils.is_distributed():
             gc.collect()  # free DDP's pending gloo work now, not during interpreter shutdown (an abort)
             torch.distributed.barrier()  # no process tears the group down while another still uses it
+    except utils.StopRequested as where:
+        log.error(f"stopped by {stop.name} at {where}; {resume_hint(run_dir)}")
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        log.error(f"stopped at once by a second Ctrl-C; {resume_hint(run_dir)}")
+        return 130
     except (FloatingPointError, TrainingUnhealthy) as err:
         log.error(f"error: {err}")
         return 1
     except utils.WriteError as err:
-        path = os.path.join(run_dir, config.CHECKPOINT)
-        if os.path.exists(path):
-            then = (f"{path} from the last finished epoch is intact ({os.path.getsize(path) / 2**20:.1f} MiB); once "
-                    f"fixed, continue with: python train.py --resume {run_dir}")
-        else:
-            then = "no epoch had finished, so there is no checkpoint; once fixed, start the run again"
-        log.error(f"error: {err}; {then}")
+        log.error(f"error: {err}; {resume_hint(run_dir)}")
         return 1
-    finally:
-        if utils.is_distributed():
-            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -1,10 +1,13 @@
-"""Small helpers: atomic files, logging, progress bars, processes and devices, random generators, CUDA graphs."""
+"""Small helpers: atomic files, logging, progress bars and lines, stop signals, processes and devices, random
+generators, CUDA graphs."""
 import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -71,8 +74,98 @@ def progress(iterable, total=None, desc=None):
     """A tqdm progress bar on an interactive terminal (process 0 only); the bare iterable otherwise."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not sys.stderr.isatty() or rank() != 0)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not on_terminal())
+
+
+def on_terminal():
+    """Whether progress bars can be drawn: process 0 writing to an interactive terminal."""
+    return sys.stderr.isatty() and rank() == 0
+
+
+def duration(seconds):
+    """'1h02m', '4m05s' or '12s'."""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class ProgressLines:
+    """Off a terminal (nohup, Slurm), where no bar is drawn: due(done, total) says when to log a progress line, every
+    `every_s` seconds, or at every tenth of `total` when every_s is 0; never on a terminal or on other processes.
+    eta(done, total) extrapolates from the pace since the first call."""
+
+    def __init__(self, every_s):
+        self.every_s, self.enabled = every_s, not on_terminal() and rank() == 0
+        self.start = self.last = time.time()
+        self.done_at_start = None
+
+    def due(self, done, total):
+        if self.done_at_start is None:
+            self.done_at_start = done - 1
+        if not self.enabled:
+            return False
+        now = time.time()
+        if self.every_s > 0:
+            if now - self.last < self.every_s:
+                return False
+        elif done % max(total // 10, 1) and done != total:
+            return False
+        self.last = now
+        return True
+
+    def rate(self, done):
+        """Steps per second since the first call."""
+        return (done - self.done_at_start) / max(time.time() - self.start, 1e-9)
+
+    def eta(self, done, total):
+        return duration((total - done) / max(self.rate(done), 1e-9))
+
+
+def logged_progress(iterable, total, desc, every_s, log):
+    """iterable, with a line 'desc: i/total (p%), ETA' logged off a terminal as ProgressLines says."""
+    lines = ProgressLines(every_s)
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if lines.due(i, total):
+            log.info(f"{desc}: {i}/{total} ({100 * i / total:.0f}%), ETA {lines.eta(i, total)}")
+
+
+class StopRequested(Exception):
+    """A stop signal was received; the run checkpointed where it was."""
+
+
+class StopSignals:
+    """While active, SIGTERM, SIGINT and SIGUSR1 (what Slurm sends before a time limit or a preemption) only ask
+    the run to stop at the end of its current iteration; a second SIGINT (Ctrl-C twice) stops it at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def requested(self, collective=False):
+        """Whether a stop was asked; with collective=True, whether any process was asked (a collective call:
+        every process makes it at the same point)."""
+        if collective and is_distributed():
+            return any(all_gather(self.signum is not None))
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
 
 
 LOGGER = "fast-at"  # the run log's logging name

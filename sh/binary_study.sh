@@ -7,10 +7,12 @@
 #
 # Usage: bash sh/binary_study.sh DATA_DIR [OUT_DIR]
 #   DATA_DIR  CIFAR-10 (image-folder layout or torchvision's python version), e.g. ../shared/data/cifar10-jpeg
-#   OUT_DIR   parent of the run directories (default runs/binary_study); finished runs are kept
+#   OUT_DIR   parent of the run directories (default runs/binary_study); a finished run is kept, an interrupted one continues
 set -euo pipefail
-DATA_DIR=${1:?usage: bash sh/binary_study.sh DATA_DIR [OUT_DIR]}
-OUT_DIR=${2:-runs/binary_study}
+. "$(dirname "$0")/lib.bash"
+help_or_args 1 2 "$@"
+DATA_DIR=$(absolute "$1")
+OUT_DIR=$(absolute "${2:-runs/binary_study}")
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 
@@ -18,11 +20,10 @@ COMMON=(--dataset=cifar10_binary --data_dir="$DATA_DIR" --out_dir="$OUT_DIR" --d
         --model=cnn --n_filters_cnn=6 --lr_max=0.003 --epochs=30 --batch_size=256 --batch_size_eval=512
         --eps=32 --eval_iter_freq=39 --n_final_eval=1000 --eval_early_stopped_model)
 run_dir="$OUT_DIR/fgsm"
-if [ -f "$run_dir/timing.json" ]; then
+if finished "$run_dir"; then
   echo "= $run_dir: trained already"
 else
-  rm -rf "$run_dir"  # an unfinished run starts again
-  cmd=("$PYTHON" train.py "${COMMON[@]}" --preset=fgsm --run_name=fgsm)  # presets: README, Presets
+  cmd=("$PYTHON" train.py "${COMMON[@]}" --preset=fgsm --run_name=fgsm --resume_existing)  # presets: README, Presets
   echo "+ ${cmd[*]}"
   "${cmd[@]}"
 fi

@@ -7,10 +7,12 @@
 # Usage: bash sh/cpu_experiment.sh DATA_DIR [OUT_DIR]
 #   DATA_DIR  CIFAR-10 (image-folder layout or torchvision's python version), e.g. ../shared/data/cifar10-jpeg
 #   OUT_DIR   parent of the run directories (default runs/cpu_experiment); finished runs are skipped,
-#             interrupted ones resumed
+#             interrupted ones continue from their checkpoint
 set -euo pipefail
-DATA_DIR=${1:?usage: bash sh/cpu_experiment.sh DATA_DIR [OUT_DIR]}
-OUT_DIR=${2:-runs/cpu_experiment}
+. "$(dirname "$0")/lib.bash"
+help_or_args 1 2 "$@"
+DATA_DIR=$(absolute "$1")
+OUT_DIR=$(absolute "${2:-runs/cpu_experiment}")
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 
@@ -23,17 +25,12 @@ declare -A METHOD_FLAGS=(  # presets: README, Presets
   [fgsm-gradsum]="--preset=gradsum --grad_input_sum_coeff=20"
 )
 for name in fgsm fgsm-vfsat fgsm-gradsum; do
-  run_dir="$OUT_DIR/$name"
-  if [ -f "$run_dir/timing.json" ]; then
+  if finished "$OUT_DIR/$name"; then
     echo "= $name: finished already"
-  elif [ -f "$run_dir/checkpoint.pt" ]; then
-    echo "+ $PYTHON train.py --resume=$run_dir"
-    "$PYTHON" train.py --resume="$run_dir"
-  else
-    rm -rf "$run_dir"  # started but no epoch finished: nothing to keep
-    cmd=("$PYTHON" train.py "${COMMON[@]}" ${METHOD_FLAGS[$name]} --run_name="$name")
-    echo "+ ${cmd[*]}"
-    "${cmd[@]}"
+    continue
   fi
+  cmd=("$PYTHON" train.py "${COMMON[@]}" ${METHOD_FLAGS[$name]} --run_name="$name" --resume_existing)
+  echo "+ ${cmd[*]}"
+  "${cmd[@]}"
 done
 "$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --out "$OUT_DIR/table.md" --plots "$OUT_DIR/plots"

@@ -10,9 +10,12 @@
 #   DATA_DIR holds (or receives, downloaded) tiny-imagenet-200/ (default: data)
 # DRY_RUN=1 prints the commands without running them.
 set -euo pipefail
-GPU_IDS=${1:?usage: bash sh/tiny_imagenet_resnet34.sh GPU_IDS OUT_DIR [DATA_DIR]}
-OUT_DIR=${2:?usage: bash sh/tiny_imagenet_resnet34.sh GPU_IDS OUT_DIR [DATA_DIR]}
-DATA_DIR=${3:-data}
+. "$(dirname "$0")/lib.bash"
+help_or_args 2 3 "$@"
+GPU_IDS=$1
+OUT_DIR=$(absolute "$2")
+DATA_DIR=$(absolute "${3:-data}")
+[[ $GPU_IDS =~ ^[0-9]+(,[0-9]+)*$ ]] || usage_error "GPU_IDS=$GPU_IDS: GPU numbers, comma-separated"
 cd "$(dirname "$0")/.."
 
 EPS=8

@@ -181,3 +181,153 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_good_state(tmp_path,
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3
     rows = utils.read_jsonl(tmp_path / "nan" / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [2, 4]  # evaluation at 4 ran before the poisoned step 5
+
+
+def signal_on_call(monkeypatch, module, name, n, signum=signal.SIGTERM, times=1):
+    """Deliver signum to this process (times times) when module.name is called for the n-th time."""
+    original, calls = getattr(module, name), []
+
+    def wrapper(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return original(*a, **kw)
+    monkeypatch.setattr(module, name, wrapper)
+
+
+STOPS = {  # where the signal comes: (function, its call, the checkpoint's epoch and batch within the next epoch)
+    "mid_epoch": (methods, "train_step", 5, 1, 1),  # call 1 is epoch 0's step-less batch: the first of epoch 2
+    "during_evaluation": (evaluation, "periodic_eval", 2, 1, 1),  # iteration 4: batch 1 of epoch 2
+    "end_of_epoch": (methods, "train_step", 4, 1, 0),  # the last batch of epoch 1: the epoch's own checkpoint
+    "during_final_evaluation": (evaluation, "final_stats", 1, 3, 0),
+}
+
+
+@pytest.mark.parametrize("where", list(STOPS))
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_stop_signal_checkpoints_where_it_is_and_resumes_to_identical_metrics(where, signum, reference, tmp_path,
+                                                                              tiny_data, monkeypatch, capsys):
+    if signum != signal.SIGTERM and where != "mid_epoch":
+        pytest.skip("the signals are handled alike: one place each is enough")
+    module, name, n, epoch, batch = STOPS[where]
+    run_dir = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        signal_on_call(m, module, name, n, signum)
+        assert train.main(argv(tmp_path, tiny_data, "stopped")) == 128 + signum
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (epoch, batch)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "stopped by" in ln]
+    assert len(line) == 1 and signum.name in line[0] and f"python train.py --resume {run_dir}" in line[0]
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers given back
+    assert train.main(["--resume", str(run_dir)]) == 0
+    assert metrics_text(run_dir) == reference
+
+
+def test_free_at_stopped_within_an_epoch_resumes_with_its_replayed_batch_and_perturbation(tmp_path, tiny_data,
+                                                                                         monkeypatch):
+    flags = ["--minibatch_replay=2", "--attack_init=zero", "--grad_input_sum_coeff=0"]
+    assert train.main(argv(tmp_path, tiny_data, "free") + flags) == 0
+    with monkeypatch.context() as m:
+        signal_on_call(m, methods, "train_step", 5)  # batch 1 of epoch 2, whose batch 2 replays it
+        assert train.main(argv(tmp_path, tiny_data, "stopped") + flags) == 128 + signal.SIGTERM
+    assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
+    assert metrics_text(tmp_path / "stopped") == metrics_text(tmp_path / "free")
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, tiny_data, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        signal_on_call(m, methods, "train_step", 5, signal.SIGINT, times=2)
+        assert train.main(argv(tmp_path, tiny_data, "twice")) == 130
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert [ln for ln in out.out.splitlines() if "second Ctrl-C" in ln and "--resume" in ln]
+    assert torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1's, intact
+
+
+def test_sigterm_to_a_process_stops_it_with_a_checkpoint_and_the_resume_command(reference, tmp_path, tiny_data):
+    run_dir = tmp_path / "terminated"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + argv(tmp_path, tiny_data, "terminated") + ["--epochs=30"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and f"continue with: python train.py --resume {run_dir}" in out
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(run_dir)], cwd=ROOT,
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert train.main(argv(tmp_path, tiny_data, "whole") + ["--epochs=30"]) == 0
+    assert metrics_text(run_dir) == metrics_text(tmp_path / "whole")
+
+
+def test_resume_from_another_folder_with_its_data_moved(tmp_path, tiny_data, monkeypatch):
+    """A relative --data_dir is saved absolute (and as given); --resume takes --data_dir, and data with another
+    fingerprint is refused with one line naming both."""
+    import shutil
+
+    from conftest import make_image_folder
+    monkeypatch.chdir(tmp_path)
+    args = argv("runs", os.path.relpath(tiny_data, tmp_path), "moved")
+    with monkeypatch.context() as m:
+        signal_on_call(m, methods, "train_step", 5)
+        assert train.main(args) == 128 + signal.SIGTERM
+    saved = json.loads((tmp_path / "runs" / "moved" / "args.json").read_text())
+    assert saved["data_dir"] == str(tiny_data) and saved["_data"]["data_dir_given"] == "data"
+    assert saved["_data"]["fingerprint"].startswith("48 train + 24 test images, sha1 ")
+    moved = shutil.move(tiny_data, tmp_path / "elsewhere")
+    other = make_image_folder(str(tmp_path / "other"), seed=1)
+    monkeypatch.chdir(ROOT)
+    run_dir = str(tmp_path / "runs" / "moved")
+    assert train.main(["--resume", run_dir]) == 2  # not there any more: refused, not downloaded
+    assert train.main(["--resume", run_dir, f"--data_dir={other}"]) == 2
+    assert train.main(["--resume", run_dir, f"--data_dir={moved}"]) == 0
+    assert train.main(argv(tmp_path, moved, "whole")) == 0
+    assert metrics_text(run_dir) == metrics_text(tmp_path / "whole")
+
+
+def test_other_data_is_refused_by_resume_eval_and_surface_with_one_line(tmp_path, tiny_data, capsys):
+    from conftest import make_image_folder
+    assert train.main(argv(tmp_path, tiny_data, "run") + ["--epochs=1"]) == 0
+    other = make_image_folder(str(tmp_path / "other"), seed=1)
+    run_dir = str(tmp_path / "run")
+    capsys.readouterr()
+    for tool, extra in (("eval.py", []), ("surface.py", ["--n_images=1"])):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, tool), run_dir, f"--data_dir={other}", *extra],
+                              cwd=ROOT, capture_output=True, text=True)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1, done.stderr
+        assert err[0].count("sha1") == 2 and "is not the run's" in err[0]
+
+
+def test_resume_existing_continues_skips_starts_or_refuses(reference, tmp_path, tiny_data, monkeypatch, capsys):
+    again = argv(tmp_path, tiny_data, "reference") + ["--resume_existing"]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}
+    assert train.main(again) == 0  # finished: nothing to do, nothing written
+    assert {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()} == before
+    assert train.main(again + ["--lr_max=0.02"]) == 2  # other flags: refused, naming the flag
+    assert "--lr_max 0.01 there, 0.02 here" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        signal_on_call(m, methods, "train_step", 5)
+        assert train.main(argv(tmp_path, tiny_data, "requeued") + ["--resume_existing"]) == 128 + signal.SIGTERM
+    assert train.main(argv(tmp_path, tiny_data, "requeued") + ["--resume_existing", "--device=cpu"]) == 0
+    assert metrics_text(tmp_path / "requeued") == reference
+    (tmp_path / "early").mkdir()  # stopped before any checkpoint: it starts again there
+    (tmp_path / "early" / "log.txt").write_text("an earlier attempt\n")
+    assert train.main(argv(tmp_path, tiny_data, "early") + ["--resume_existing"]) == 0
+    assert metrics_text(tmp_path / "early") == reference
+    assert train.main([a for a in again if not a.startswith("--run_name")]) == 2  # it needs the name
+
+
+def test_progress_lines_off_a_terminal(tmp_path, tiny_data):
+    assert train.main(argv(tmp_path, tiny_data, "lines") + ["--progress_every_s=0"]) == 0
+    log = open(tmp_path / "lines" / "log.txt").read()
+    lines = [ln for ln in log.splitlines() if "progress: iter" in ln]
+    assert len(lines) == 9 and "iter 9/9 epoch 3/3 (batch 3/3)" in lines[-1]  # every tenth of 3 batches: each
+    assert all(" it/s | loss " in ln and " acc " in ln and "ETA " in ln for ln in lines)
+    assert "final evaluation: last: 2/2 (100%), ETA 0s" in log
+    quiet = argv(tmp_path, tiny_data, "quiet")  # the default: a line a minute, none in this short run
+    assert train.main(quiet) == 0 and "progress:" not in open(tmp_path / "quiet" / "log.txt").read()

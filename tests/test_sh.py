@@ -2,7 +2,10 @@
 import glob
 import os
 import shlex
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from test_train import ROOT
@@ -54,9 +57,10 @@ def test_table_scripts_launch_the_results_files_rows_for_every_seed(eps, tmp_pat
 
 
 def test_slurm_script_launches_torchrun(tmp_path):
-    (line,) = dry_run(os.path.join("sh", "slurm_multinode.sbatch"), "runs/x", "data")
-    assert line.startswith("torchrun --nnodes=1 --nproc_per_node=4")
-    check_train_command(line, tmp_path)
+    (line,) = dry_run(os.path.join("sh", "slurm_multinode.sbatch"), "runs/x", "data", "gradsum8")
+    assert line.startswith("torchrun --nnodes=1 --nproc_per_node=1")  # what Slurm gives the node, else 1
+    args = check_train_command(line, tmp_path)
+    assert (args.run_name, args.resume_existing, args.preset) == ("gradsum8", True, "gradsum")
 
 
 def test_tiny_imagenet_script_launches_torchrun_on_every_gpu(tmp_path):
@@ -67,3 +71,163 @@ def test_tiny_imagenet_script_launches_torchrun_on_every_gpu(tmp_path):
         args = check_train_command(line, tmp_path)
         assert (args.dataset, args.model, args.lr_max, args.batch_size) == ("tiny_imagenet", "resnet34", 0.05, 64)
         assert (args.attack_iters, args.n_restarts, args.final_attack_iters, args.final_n_restarts) == (7, 1, 50, 10)
+
+
+USAGE_ERRORS = {  # a wrong argument list for each script: too few arguments, and an option where a path goes
+    "binary_study.sh": ([], ["--data_dir", "x"]),
+    "cifar10_eps16.sh": (["0"], ["0", "--help-me"]),
+    "cifar10_eps8.sh": (["0"], ["-1", "runs/x"]),
+    "cifar10_table.sh": (["8", "0"], ["8", "--help=0", "runs/x"]),
+    "cpu_experiment.sh": ([], ["-d"]),
+    "slurm_multinode.sbatch": (["runs/x", "data"], ["--out", "data", "name"]),
+    "slurm_table.sbatch": (["8", "runs/x"], ["8", "-o", "data"]),
+    "slurm_table.sh": (["8"], ["8", "--partition=gpu", "data"]),
+    "tiny_imagenet_resnet34.sh": (["0"], ["0", "-o"]),
+}
+
+
+def run_script(script, *args, env=None, **kw):
+    return subprocess.run(["bash", os.path.join(ROOT, "sh", script), *args], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), **kw)
+
+
+@pytest.mark.parametrize("script", [os.path.basename(s) for s in SCRIPTS])
+def test_every_script_answers_help_and_refuses_wrong_arguments(script, tmp_path):
+    done = run_script(script, "--help", cwd=tmp_path)
+    assert done.returncode == 0 and "Usage:" in done.stdout and not os.listdir(tmp_path)
+    for args in USAGE_ERRORS[script]:
+        done = run_script(script, *args, cwd=tmp_path)
+        assert done.returncode == 2 and "Usage:" in done.stderr, (args, done.stderr)
+        assert not os.listdir(tmp_path)  # nothing made: no folder called --help, no run started
+
+
+def test_table_script_refuses_a_bad_eps_and_gpu_list(tmp_path):
+    assert run_script("cifar10_table.sh", "12", "0", "runs/x").returncode == 2
+    done = run_script("cifar10_table.sh", "8", "0;1", "runs/x")
+    assert done.returncode == 2 and "GPU_IDS" in done.stderr
+
+
+WRAPPER = """#!{python}
+# A stand-in python for the sh/ scripts: records each call, shrinks train.py's runs to tiny data, and fails the run
+# named by FAIL_ONCE on its first attempt.
+import os, sys
+args = sys.argv[1:]
+with open(os.environ["CALLS"], "a") as f:
+    f.write(" ".join(args) + "\\n")
+if args[:1] == ["train.py"]:
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("--run_name="))
+    marker = os.environ["CALLS"] + "." + name + ".failed"
+    if name == os.environ.get("FAIL_ONCE") and not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.exit("failing on purpose")
+    args += os.environ["SHRINK"].split() + ["--data_dir=" + os.environ["TINY_DATA"]]
+os.execv(sys.executable, [sys.executable] + args)
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path, tiny_data):
+    """(env for the sh/ scripts: PYTHON the wrapper, ROWS and SEEDS a part of the table; the calls file)."""
+    from test_train import TINY_RUN
+    wrapper = tmp_path / "python"
+    wrapper.write_text(WRAPPER.replace("{python}", sys.executable))
+    wrapper.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {"PYTHON": str(wrapper), "CALLS": str(calls), "TINY_DATA": tiny_data, "SHRINK": TINY_RUN,
+           "ROWS": "fgsm gradsum pgd2-a4", "SEEDS": "0 1", "OMP_NUM_THREADS": "1"}
+    return env, calls
+
+
+def train_calls(calls):
+    return [line for line in calls.read_text().splitlines() if line.startswith("train.py")] if calls.exists() else []
+
+
+def test_table_script_isolates_a_failed_run_and_a_rerun_completes_the_table(stand_in, tmp_path):
+    env, calls = stand_in
+    out = tmp_path / "table"
+    first = run_script("cifar10_table.sh", "8", "cpu,cpu", str(out), env={**env, "FAIL_ONCE": "gradsum-eps8-seed1"},
+                       cwd=tmp_path)
+    assert first.returncode == 1
+    runs = [f"{row}-eps8-seed{seed}" for row in ("fgsm", "gradsum", "pgd2-a4") for seed in (0, 1)]
+    assert len(train_calls(calls)) == 6  # every run ran, the failed one's queue went on
+    finished = [r for r in runs if (out / r / "timing.json").exists()]
+    assert finished == [r for r in runs if r != "gradsum-eps8-seed1"]
+    assert "5 of 6 runs finished" in first.stdout
+    assert f"not finished: gradsum-eps8-seed1 (failed, exit 1): {out}/logs/gradsum-eps8-seed1.log" in first.stdout
+    assert "failing on purpose" in (out / "logs" / "gradsum-eps8-seed1.log").read_text()
+    assert (out / "table.md").exists()  # the table of what finished
+    kept = {r: (out / r / "metrics.jsonl").read_bytes() for r in finished}
+    stamps = {r: os.stat(out / r / "metrics.jsonl").st_mtime_ns for r in finished}
+    calls.write_text("")
+    second = run_script("cifar10_table.sh", "8", "cpu,cpu", str(out), env=env, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [c.split("--run_name=")[1].split()[0] for c in train_calls(calls)] == ["gradsum-eps8-seed1"]
+    assert "6 of 6 runs finished (1 now, 5 before)" in second.stdout
+    assert all((out / r / "metrics.jsonl").read_bytes() == kept[r] for r in finished)
+    assert all(os.stat(out / r / "metrics.jsonl").st_mtime_ns == stamps[r] for r in finished)
+    assert "| fgsm-gradsum10 |" in (out / "table.md").read_text() and "| 2 |" in (out / "table.md").read_text()
+
+
+SLURM_STAND_IN = """#!/usr/bin/env bash
+# a stand-in for Slurm's {name}: records what it was asked{reply}
+printf '%s\\n' "$*" >> "{record}"
+{reply_line}
+"""
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """A folder with stand-in sbatch (answers job ids 4242, 4243, ...) and scontrol; the records they write."""
+    bin_dir, records = tmp_path / "bin", tmp_path / "slurm"
+    bin_dir.mkdir()
+    records.mkdir()
+    for name, reply in (("sbatch", 'echo $((4242 + $(wc -l < "{record}") - 1))'), ("scontrol", "")):
+        record = records / f"{name}.txt"
+        note = ", answers an id" if reply else ""
+        (bin_dir / name).write_text(SLURM_STAND_IN.format(name=name, record=record, reply=note,
+                                                          reply_line=reply.format(record=record)))
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, records
+
+
+def test_slurm_table_submits_one_array_task_per_run_and_a_table_job_after_them(stand_in, slurm, tmp_path):
+    env, _ = stand_in
+    path, records = slurm
+    done = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path,
+                      env={**env, **path, "PARTITION": "gpu", "ACCOUNT": "lab", "TIME_LIMIT": "2:00:00"})
+    assert done.returncode == 0, done.stderr
+    array, table = (records / "sbatch.txt").read_text().splitlines()
+    for opt in ("--array=0-5", "--signal=B:USR1@300", "--requeue", "--partition=gpu", "--account=lab",
+                "--time=2:00:00", "--gpus-per-task=1", f"{tmp_path}/runs/t/logs/slurm-%A_%a.out"):
+        assert opt in array
+    assert array.endswith(f"sh/slurm_table.sbatch 8 {tmp_path}/runs/t {tmp_path}/data")
+    assert "--dependency=afterany:4242" in table and table.endswith(f"--table 8 {tmp_path}/runs/t {tmp_path}/data")
+    assert "submitted array job 4242 (6 runs) and table job 4243" in done.stdout
+
+
+def test_slurm_task_checkpoints_and_requeues_before_its_time_limit_then_finishes_and_then_exits_at_once(
+        stand_in, slurm, tmp_path):
+    env, calls = stand_in
+    path, records = slurm
+    out = tmp_path / "runs"
+    env = {**env, **path, "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "2", "SLURM_SUBMIT_DIR": ROOT,
+           "SHRINK": env["SHRINK"] + " --epochs=60"}
+    task = ["bash", os.path.join(ROOT, "sh", "slurm_table.sbatch"), "8", str(out), str(tmp_path / "data")]
+    proc = subprocess.Popen(task, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    run_dir = out / "gradsum-eps8-seed0"  # task 2 of the plan: rows fgsm, gradsum, pgd2-a4 x seeds 0, 1
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends the batch shell
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert (records / "scontrol.txt").read_text() == "requeue 4242_2\n"
+    assert not (run_dir / "timing.json").exists() and "stopped by SIGTERM" in (run_dir / "log.txt").read_text()
+    requeued = subprocess.run(task, env=dict(os.environ, **env), capture_output=True, text=True)
+    assert requeued.returncode == 0 and (run_dir / "timing.json").exists(), requeued.stdout + requeued.stderr
+    assert "resumed" in (run_dir / "log.txt").read_text()
+    n_calls = len(train_calls(calls))
+    again = subprocess.run(task, env=dict(os.environ, **env), capture_output=True, text=True)
+    assert again.returncode == 0 and "finished already" in again.stdout and len(train_calls(calls)) == n_calls
+    assert (records / "scontrol.txt").read_text() == "requeue 4242_2\n"  # no second requeue
