@@ -167,7 +167,7 @@ def build_parser(description=None):
 
 
 # Flags that cannot change what a run computes: where it runs, where it writes, how it logs, how it was started.
-NOT_COMPUTATIONAL = frozenset({"device", "data_dir", "out_dir", "run_name", "resume", "resume_existing",
+NOT_COMPUTATIONAL = frozenset({"device", "data_dir", "out_dir", "run_name", "resume", "resume_existing", "preset",
                                "progress_every_s"})
 RESUME_OVERRIDES = frozenset({"device", "data_dir", "progress_every_s"})  # may be given with --resume
 
@@ -311,7 +311,7 @@ def load_checkpoint(path, flag="--resume"):
                          "by train.py or is damaged") from None
 
 
-def saved_run_parser(description, default_models=SAVED_MODELS):
+def saved_run_parser(description, default_models=SAVED_MODELS, seed_help="seed of the random draws", default_seed=0):
     """The arguments of the tools that read a finished run (eval.py, surface.py): RUN_DIR, the models, eps, the
     data folder, the device and the seed."""
     p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -321,8 +321,7 @@ def saved_run_parser(description, default_models=SAVED_MODELS):
     p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
     p.add_argument("--data_dir", help="default: the run's")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random draws (PGD restarts, AutoAttack, "
-                   "random directions)")
+    p.add_argument("--seed", type=int, default=default_seed, help=seed_help)
     return p
 
 
@@ -331,6 +330,7 @@ class SavedRun(NamedTuple):
     dataset: data.ImageData
     model: torch.nn.Module  # its network on the device, in eval mode
     states: dict  # {name: state dict} of the saved models
+    iterations: dict  # {name: the iteration at which it was saved}
     device: torch.device
 
 
@@ -342,13 +342,15 @@ def open_saved_run(opts):
     if not os.path.isdir(opts.run):
         raise UsageError(f"RUN_DIR={opts.run!r}: not a run directory")
     run = load_args(opts.run)
-    states = saved_models(load_checkpoint(opts.run, "RUN_DIR"))
+    ckpt = load_checkpoint(opts.run, "RUN_DIR")
+    states = saved_models(ckpt)
+    iterations = {"last": ckpt["iteration"], **{name: kept["iteration"] for name, kept in ckpt["kept"].items()}}
     opts.eps = opts.eps or run.eps
     device = device_from_flag(opts.device)
     data_dir = opts.data_dir or run.data_dir
     dataset = data.load_data(run.dataset, data_dir, download=False)
     check_fingerprint(opts.run, dataset, data_dir)
-    return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, device)
+    return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, iterations, device)
 
 
 def device_from_flag(name):

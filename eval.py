@@ -40,7 +40,7 @@ def fgsm_correct(model, x_u8, y, eps, step, batch_size, projected=False):
                                   evaluation.batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))["fgsm"]
 
 
-def evaluate(model, x_u8, y, eps_px, opts, n_classes):
+def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0):
     """One result dict for the eval-mode model; accuracies are fractions. Where two or more attacks within the
     eps-ball ran (PGD under the strict rule, AutoAttack, FGSM steps up to eps or projected), 'worst_case_acc'
     counts the examples classified correctly that withstand every one of them, as AutoAttack scores its own
@@ -52,11 +52,11 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
     masks = {"clean_acc": run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
     in_ball = []
     if opts.pgd:
-        torch.manual_seed(opts.seed)
+        torch.manual_seed(seed)
         iters, restarts = opts.pgd
         pgd = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255), ("pgd", "pgd_any"),
                   f"PGD-{iters}-{restarts}")
-        masks[f"pgd{iters}_{restarts}_acc"] = pgd["pgd"]
+        masks[f"pgd{iters}_{restarts}_acc"] = pgd["pgd"]  # column_label names its step and points
         masks[f"pgd{iters}_{restarts}_any_acc"] = pgd["pgd_any"]
         in_ball.append(pgd["pgd_any"])
     for step_px in opts.fgsm_sweep or ():
@@ -65,7 +65,7 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
         if opts.fgsm_sweep_projected or step_px <= eps_px:
             in_ball.append(masks[key])
     if opts.autoattack:
-        masks["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, opts.seed), ("autoattack",),
+        masks["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, seed), ("autoattack",),
                                       "AutoAttack")["autoattack"]
         in_ball.append(masks["autoattack_acc"])
     if len(in_ball) > 1:
@@ -74,7 +74,9 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes):
 
 
 def build_parser():
-    p = config.saved_run_parser(__doc__)
+    p = config.saved_run_parser(__doc__, seed_help="seed of PGD's random starts and AutoAttack (default: each "
+                                "model's final-evaluation seed, from the run's seed and the model's iteration: "
+                                "train.py's final evaluation draws the same starts)", default_seed=None)
     p.add_argument("--pgd", nargs=2, type=int, default=[50, 10], metavar=("ITERS", "RESTARTS"),
                    help="PGD iterations and restarts; 0 0 to skip")
     p.add_argument("--pgd_step", type=float, default=ORIGINAL_PGD_STEP, help="PGD step, pixels/255 (the original "
@@ -115,12 +117,23 @@ def main(argv=None):
     idx = evaluation.first_points(len(dataset.test_y), opts.n_points)
     x, y = dataset.test_x[idx].to(saved.device), dataset.test_y[idx].to(saved.device)
     results = {"run": opts.run, "eps": opts.eps, "n_points": len(y), "seed": opts.seed, "models": {}}
+    if opts.pgd:
+        results["pgd_protocol"] = evaluation.pgd_protocol(*opts.pgd, opts.pgd_step, len(y), len(dataset.test_y),
+                                                          batch_size=opts.batch_size)
+    evaluated = {}  # iteration -> the model evaluated for it: the same weights are evaluated once
     for name in opts.models:
         if name not in states:
             print(f"eval.py: {name}: not saved in this run, skipped", file=sys.stderr)
             continue
+        iteration = saved.iterations[name]
+        if iteration in evaluated:
+            results["models"][name] = results["models"][evaluated[iteration]]
+            continue
+        evaluated[iteration] = name
+        seed = evaluation.final_eval_seed(saved.args.seed, iteration) if opts.seed is None else opts.seed
         model.load_state_dict(states[name])
-        results["models"][name] = evaluate(model, x, y, opts.eps, opts, dataset.n_classes)
+        results["models"][name] = {**evaluate(model, x, y, opts.eps, opts, dataset.n_classes, seed),
+                                   "iteration": iteration, "seed": seed}
     out = new_result_path(opts.run)
     try:
         utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
@@ -131,6 +144,13 @@ def main(argv=None):
     print(format_table(results))
     print(f"written to {out}")
     return 0
+
+
+def column_label(key, protocol):
+    """A result key's column label; PGD's names its protocol in full (step and points), strict or not."""
+    if protocol and key.startswith(f"pgd{protocol['iterations']}_{protocol['restarts']}_"):
+        return protocol["label"] + (", strict" if key.endswith("_any_acc") else "")
+    return key.replace("_acc", "")
 
 
 def new_result_path(run_dir):
@@ -145,9 +165,9 @@ def new_result_path(run_dir):
 
 def format_table(results):
     """Markdown table, one row per model, accuracies in %."""
-    columns = list(next(iter(results["models"].values()), {}))  # the order evaluate() measured them in
+    columns = [c for c in next(iter(results["models"].values()), {}) if c.endswith("_acc")]  # in measured order
     lines = [f"eps {results['eps']:g}/255, {results['n_points']} test points",
-             "| model | " + " | ".join(c.replace("_acc", "") for c in columns) + " |",
+             "| model | " + " | ".join(column_label(c, results.get("pgd_protocol")) for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, r in results["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.2f}" for c in columns) + " |")

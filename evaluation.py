@@ -2,6 +2,7 @@
 and the pieces eval.py combines. Models are evaluated in eval mode, in fp32 unless a periodic evaluation is given
 the training's autocast; points are split over processes and every count is global."""
 import contextlib
+import hashlib
 import logging
 
 import torch
@@ -165,16 +166,35 @@ def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart, auto
     return row
 
 
-def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, watch=None):
+def final_eval_seed(seed, iteration):
+    """The seed of the final evaluation's random starts for the run's weights at this iteration: the same weights
+    get the same starts wherever they are evaluated (train.py, eval.py), whatever ran before."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/final/{iteration}".encode()).digest()[:7], "big")
+
+
+def pgd_protocol(iters, restarts, step_px, n_points, n_total, seed=None, batch_size=None):
+    """What a PGD accuracy means, in full (stored beside it), and its label (what a column is headed with)."""
+    points = (f"all {n_total:,}" if n_points == n_total else f"the first {n_points:,}"
+              + (f" of {n_total:,}" if n_total else ""))
+    return {"attack": f"PGD-{iters}-{restarts}", "iterations": iters, "restarts": restarts, "step_px": step_px,
+            "rule": "the last iterate of the highest-loss restart (the original's); strict: any iterate",
+            "points": f"{points} test points", "n_points": n_points, "seed": seed, "batch_size": batch_size,
+            "label": f"PGD-{iters}-{restarts} (step {step_px:g}/255, {n_points:,} pts)"}
+
+
+def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, watch=None, seeds=None):
     """One row per saved model: clean, FGSM (step eps) and PGD accuracy under the final attack, the original
     protocol ('pgd_acc') and the strict rule ('pgd_any_acc'). watch(batches, n_batches, desc), when given, wraps
-    each model's batches (progress lines, stops)."""
+    each model's batches (progress lines, stops); seeds ({name: seed}), when given, seed each model's random
+    starts (each process's own stream: seed + rank)."""
     rows = []
     model.eval()
     keys = ("clean", "fgsm", "pgd", "pgd_any")
     n_batches = -(-len(y) // args.batch_size_eval)
     for name, state in states.items():
         model.load_state_dict(state)
+        if seeds:
+            torch.manual_seed(seeds[name] + utils.rank())
         desc = f"final evaluation: {name}"
         model_batches = batches(x_u8, y, args.batch_size_eval, desc)
         accs, n = fractions(final_stats(model, eps, args, restart), keys,

@@ -1,31 +1,57 @@
-"""Gather run directories into the paper's table: one row per (dataset, model, method, eps), mean ± std over seeds,
-and plot training curves: clean, FGSM and PGD accuracy against iterations, learning rate and VFSAT eps beneath;
+"""Gather run directories into the paper's table: one row per group of runs that differ in their seed alone (the
+same flags and data), mean ± std over seeds, one table per final PGD protocol, the paper's numbers beside ours on
+request; and plot training curves: clean, FGSM and PGD accuracy against iterations, learning rate and VFSAT eps beneath;
 the FGSM step-size sweeps that eval.py measured; the first layer's filters.
 
     python report.py runs                                    # every run below runs/: Markdown table on stdout
     python report.py runs/* --out results.md --plots plots/  # and RUN/curves.png, plots/<group>.png, the sweeps
     python report.py runs/X runs/Y --plots plots/ --filters  # and RUN/filters.png
+    python report.py runs/cifar10_eps8 --compare paper       # and the original's results beside each row
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import sys
+from typing import NamedTuple
 
 import config
 import evaluation
 import health
+import methods
 import utils
 
-COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last", "pgd_acc", "PGD"),
-           ("early_stopped", "clean_acc", "ES clean"), ("early_stopped", "pgd_acc", "ES PGD"))
+COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last", "pgd_acc", "{pgd}"),
+           ("early_stopped", "clean_acc", "ES clean"), ("early_stopped", "pgd_acc", "ES {pgd}"))
+# flags that the method column names already; the flags cell lists the other ones that tell groups apart
+METHOD_FLAGS = frozenset({"attack", "attack_init", "minibatch_replay", "mast", "discrete_eps", "pgd_train_n_iters",
+                          "pgd_alpha_train", *(r.flag for r in methods.REGULARISERS)})
+SHOWN_FLAGS = frozenset({"dataset", "model", "eps"}) | METHOD_FLAGS
+PAPER_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper", "cifar10_results.tsv")
+TABLE_ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh", "cifar10_table.tsv")
+
+
+class Run(NamedTuple):
+    dir: str
+    flags: dict  # the saved flags that can change what it computes (config.NOT_COMPUTATIONAL and seed left out)
+    fingerprint: str | None  # of its data (None: saved before fingerprints)
+    seed: int
+    protocol: str  # the final PGD's label
+    values: dict  # {(model, metric): value}, and ("co", "epoch")
+    wall_s: float | None
+
+
+def computational_flags(args):
+    return {k: v for k, v in config.args_to_dict(args).items() if k not in config.NOT_COMPUTATIONAL | {"seed"}}
 
 
 def load_run(run_dir):
-    """(group key, {(model, metric): value}, wall seconds or None) of a finished run, or None if unfinished."""
+    """The Run of a finished run directory, or None if unfinished."""
     args = config.load_args(run_dir)
     finals = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "final"]
     if not finals:
@@ -35,9 +61,11 @@ def load_run(run_dir):
     values[("co", "epoch")] = None if onset is None else onset["epoch"]
     timing_path = os.path.join(run_dir, "timing.json")
     wall_s = json.load(open(timing_path))["wall_s"] if os.path.exists(timing_path) else None
-    key = (args.dataset, args.model, config.method_name(args), args.eps, args.final_attack_iters,
-           args.final_n_restarts)
-    return key, values, wall_s
+    protocol = finals[0].get("protocol", {}).get("label") or evaluation.pgd_protocol(
+        args.final_attack_iters, args.final_n_restarts, args.eps * evaluation.PGD_STEP_FRACTION,
+        finals[0].get("n_points", 0), None)["label"]  # runs saved before rows named their protocol
+    fingerprint = config.saved_extras(run_dir).get("_data", {}).get("fingerprint")
+    return Run(run_dir, computational_flags(args), fingerprint, args.seed, protocol, values, wall_s)
 
 
 def periodic_rows(run_dir):
@@ -159,19 +187,49 @@ def find_runs(path):
     return sorted(found)
 
 
-def group_runs(run_dirs):
-    """{group key: [(run_dir, values, wall_s)]} of the finished runs."""
+def group_runs(run_dirs, allow_duplicate_seeds=False):
+    """{group key: [Run]} of the finished runs: a group is the runs whose computational flags and data are the
+    same, seeds apart. The same seed twice in a group is an error (config.UsageError) unless allowed."""
     groups = {}
     for run_dir in run_dirs:
         run = load_run(run_dir)
         if run is not None:
-            groups.setdefault(run[0], []).append((run_dir, *run[1:]))
+            groups.setdefault((json.dumps(run.flags, sort_keys=True), run.fingerprint), []).append(run)
+    for runs in groups.values():
+        seen = {}
+        for run in runs:
+            if run.seed in seen and not allow_duplicate_seeds:
+                raise config.UsageError(f"{seen[run.seed]} and {run.dir} are the same run twice (seed {run.seed}, "
+                                        "the same flags and data): keep one, or pass --allow_duplicate_seeds")
+            seen[run.seed] = run.dir
     return groups
 
 
-def group_name(key):
-    dataset, model, method, eps, iters, restarts = key
-    return f"{dataset}-{model}-{method}-eps{eps:g}"
+def telling_apart(groups):
+    """{group key: 'flag=value, ...'}: the flags (and data) in which each group differs from the others, beyond
+    dataset, model, eps and the method's own flags; '-' where none."""
+    keys = list(groups)
+    flags = {key: groups[key][0].flags for key in keys}
+    varying = sorted(k for k in set().union(*flags.values()) if k not in SHOWN_FLAGS
+                     and len({json.dumps(f.get(k)) for f in flags.values()}) > 1)
+    data_varies = len({key[1] for key in keys}) > 1
+    out = {}
+    for key in keys:
+        parts = [f"{k}={flags[key].get(k)}" for k in varying]
+        if data_varies:
+            parts.append(f"data={(key[1] or 'unrecorded').rsplit(' ', 1)[-1]}")
+        out[key] = ", ".join(parts) or "-"
+    return out
+
+
+def group_name(run, apart):
+    f = run.flags
+    base = f"{f['dataset']}-{f['model']}-{method_label(f)}-eps{f['eps']:g}"
+    return base if apart == "-" else f"{base}-{hashlib.sha1(apart.encode()).hexdigest()[:6]}"
+
+
+def method_label(flags):
+    return config.method_name(argparse.Namespace(**flags))
 
 
 def co_cell(epochs):
@@ -181,25 +239,91 @@ def co_cell(epochs):
     return text if len(epochs) == 1 else f"{text} ({n}/{len(epochs)})"
 
 
-def table(run_dirs):
-    groups = {key: [run[1:] for run in runs] for key, runs in group_runs(run_dirs).items()}
-    header = (["dataset", "model", "method", "eps", "attack", "seeds"] + [c[2] for c in COLUMNS]
-              + ["CO at epoch", "wall time (s)"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (dataset, model, method, eps, iters, restarts), runs in sorted(groups.items()):
-        cells = [mean_std([v[(m, k)] for v, _ in runs if (m, k) in v]) for m, k, _ in COLUMNS]
-        walls = [w for _, w in runs if w is not None]
-        wall = f"{statistics.mean(walls):.0f}" if walls else "-"
-        attack = f"PGD-{iters}-{restarts}"
-        co = co_cell([v[("co", "epoch")] for v, _ in runs])
-        lines.append("| " + " | ".join([dataset, model, method, f"{eps:g}", attack, str(len(runs))] + cells
-                                       + [co, wall]) + " |")
-    note = ("Accuracies in % on the final test points, mean ± std over seeds; PGD uses the attack column "
-            "(step eps/4, the original protocol: the highest-loss restart's last iterate), FGSM has step eps; "
-            "ES = early-stopped model (best PGD accuracy on training points); CO at epoch = the first periodic "
-            "evaluation with test PGD accuracy below 1/3 of its best so far and FGSM accuracy more than 30 points "
-            "above it, per seed, with the number of seeds that overfitted.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+def paper_rows():
+    """{(eps, row name): [(clean, pgd50_10) of each listed run, in %]} of the original's results file."""
+    rows = {}
+    with open(PAPER_RESULTS) as f:
+        for line in f:
+            if line.startswith("#") or line.startswith("eps\t"):
+                continue
+            eps, name, _seed, clean, _fgsm, pgd, _date = line.rstrip("\n").split("\t")
+            rows.setdefault((float(eps), name), []).append((float(clean), float(pgd)))
+    return rows
+
+
+def table_commands():
+    """{(eps, paper row name): the computational flags of sh/cifar10_table.tsv's run at that eps}: the mapping
+    from the paper's rows to flags is the table the scripts run."""
+    rows = [line.rstrip("\n").split("\t") for line in open(TABLE_ROWS) if not line.startswith("#")]
+    common = next(r[2] for r in rows if r[1] == "common")
+    out = {}
+    for eps in sorted({float(r[0]) for r in rows if r[0] != "*"}):
+        for where, _name, flags, paper in rows:
+            if paper != "-" and where in ("*", f"{eps:g}"):
+                args = config.build_parser().parse_args(shlex.split(f"{common} --eps={eps:g} {flags}"))
+                out[(eps, paper)] = computational_flags(args)
+    return out
+
+
+def paper_summary(values):
+    """'mean ± population std' (the original's file summarises its runs so), or the one value."""
+    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def difference(ours, theirs):
+    """Our mean minus the paper's, in points ('-' without ours)."""
+    return "-" if ours is None else f"{round(ours - statistics.mean(theirs), 2) + 0:+.2f}"  # + 0: no '-0.00'
+
+
+def paper_cells(run, commands, paper, our_clean, our_pgd):
+    """The paper's row and runs, its clean and PGD-50-10, and ours minus its; 'no paper row' where none matches."""
+    match = next((key for key, flags in commands.items() if flags == run.flags), None)
+    if match is None or match not in paper:
+        return ["no paper row"] + ["-"] * 4
+    clean, pgd = zip(*paper[match], strict=True)
+    return [f"{match[1]} ({len(clean)} runs)", paper_summary(clean), paper_summary(pgd),
+            difference(our_clean, clean), difference(our_pgd, pgd)]
+
+
+def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
+    """The Markdown tables: one per final PGD protocol (results under different protocols never share a column),
+    one row per group."""
+    groups = group_runs(run_dirs, allow_duplicate_seeds)
+    apart = telling_apart(groups)
+    paper, commands = (paper_rows(), table_commands()) if compare_paper else (None, None)
+    out = []
+    for protocol in sorted({runs[0].protocol for runs in groups.values()}):
+        header = (["dataset", "model", "method", "eps", "flags", "seeds"]
+                  + [c[2].format(pgd=protocol) for c in COLUMNS] + ["CO at epoch", "wall time (s)"])
+        if compare_paper:
+            header += ["paper row", "paper clean", "paper PGD-50-10", "clean − paper", "PGD − paper"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        chosen = [(key, runs) for key, runs in groups.items() if runs[0].protocol == protocol]
+        for key, runs in sorted(chosen, key=lambda kr: (group_name(kr[1][0], apart[kr[0]]), apart[kr[0]])):
+            f = runs[0].flags
+            values = {(m, k): [r.values[(m, k)] for r in runs if (m, k) in r.values] for m, k, _ in COLUMNS}
+            cells = [mean_std(values[(m, k)]) for m, k, _ in COLUMNS]
+            walls = [r.wall_s for r in runs if r.wall_s is not None]
+            row = [f["dataset"], f["model"], method_label(f), f"{f['eps']:g}", apart[key], str(len(runs))] + cells
+            row += [co_cell([r.values[("co", "epoch")] for r in runs]),
+                    f"{statistics.mean(walls):.0f}" if walls else "-"]
+            if compare_paper:
+                mean = lambda v: 100 * statistics.mean(v) if v else None  # noqa: E731
+                row += paper_cells(runs[0], commands, paper, mean(values[("last", "clean_acc")]),
+                                   mean(values[("last", "pgd_acc")]))
+            lines.append("| " + " | ".join(row) + " |")
+        out.append("\n".join(lines))
+    note = ("Accuracies in % on the final test points, mean ± std over seeds; each table is one final PGD protocol "
+            "(its column names iterations, restarts, step and points; the original's rule: the highest-loss "
+            "restart's last iterate); FGSM has step eps; ES = early-stopped model (best PGD accuracy on training "
+            "points); flags = what tells a row apart from the others; CO at epoch = the first periodic evaluation "
+            "with test PGD accuracy below 1/3 of its best so far and FGSM accuracy more than 30 points above it, "
+            "per seed, with the number of seeds that overfitted.")
+    if compare_paper:
+        note += (" Paper: the original's results file (paper/cifar10_results.tsv: official CIFAR-10, all 10,000 "
+                 "test points, last model), mean ± population std as it reports them, matched where a row's flags "
+                 "are those of its sh/cifar10_table.tsv run; the differences are ours minus the paper's means.")
+    return "\n\n".join(out) + "\n\n" + note + "\n"
 
 
 def main(argv=None):
@@ -210,6 +334,11 @@ def main(argv=None):
                    "eval.py measured an FGSM sweep, RUN/fgsm_sweep.png and DIR/fgsm_sweep.png (last models)")
     p.add_argument("--filters", action="store_true", help="write RUN/filters.png (and DIR/<run>-filters.png with "
                    "--plots): the first layer's filters of the last and early-stopped models")
+    p.add_argument("--compare", choices=["paper"], help="paper: add, for each row whose flags are a run of "
+                   "sh/cifar10_table.tsv, the original's clean and PGD-50-10 (paper/cifar10_results.tsv) and ours "
+                   "minus its")
+    p.add_argument("--allow_duplicate_seeds", action="store_true", help="pool two runs of the same flags, data and "
+                   "seed into one row (refused by default: usually the same run copied twice)")
     args = p.parse_args(argv)
     args.run_dirs = [d for path in args.paths for d in find_runs(path)]
     empty = [path for path in args.paths if not find_runs(path)]
@@ -218,8 +347,8 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     try:
-        text = table(args.run_dirs)
-    except config.UsageError as err:  # an args.json that is not train.py's
+        text = table(args.run_dirs, args.compare == "paper", args.allow_duplicate_seeds)
+    except config.UsageError as err:  # an args.json that is not train.py's, the same run twice
         print(f"report.py: error: {err}", file=sys.stderr)
         return 2
     print(text, end="")
@@ -227,7 +356,7 @@ def main(argv=None):
         if args.out:
             utils.atomic_write_text(text, args.out)
         if args.plots:
-            write_plots(args.run_dirs, args.plots)
+            write_plots(args.run_dirs, args.plots, args.allow_duplicate_seeds)
         if args.filters:
             write_filters(args.run_dirs, args.plots)
     except config.UsageError as err:  # a run without a readable checkpoint
@@ -239,11 +368,13 @@ def main(argv=None):
     return 0
 
 
-def write_plots(run_dirs, folder):
+def write_plots(run_dirs, folder, allow_duplicate_seeds=False):
     os.makedirs(folder, exist_ok=True)
     last_sweeps, eps = {}, None
-    for key, runs in group_runs(run_dirs).items():
-        dirs = [run[0] for run in runs]
+    groups = group_runs(run_dirs, allow_duplicate_seeds)
+    apart = telling_apart(groups)
+    for key, runs in groups.items():
+        dirs, name = [run.dir for run in runs], group_name(runs[0], apart[key])
         for d in dirs:
             plot_curves([d], os.path.join(d, "curves.png"), config.run_name(d))
             found = fgsm_sweep(d)
@@ -252,9 +383,9 @@ def write_plots(run_dirs, folder):
                 plot_fgsm_sweeps({m: [s] for m, s in sweeps.items()}, eps, os.path.join(d, "fgsm_sweep.png"),
                                  f"FGSM step sweep: {config.run_name(d)}")
                 if "last" in sweeps:
-                    last_sweeps.setdefault(group_name(key), []).append(sweeps["last"])
-        path = os.path.join(folder, group_name(key) + ".png")
-        if plot_curves(dirs, path, group_name(key)):
+                    last_sweeps.setdefault(name, []).append(sweeps["last"])
+        path = os.path.join(folder, name + ".png")
+        if plot_curves(dirs, path, name):
             print(f"plot: {path}")
     if last_sweeps:
         path = os.path.join(folder, "fgsm_sweep.png")

@@ -89,7 +89,7 @@ def plot(coords, loss, pred, linf, label, classes, title, path):
 
 
 def build_parser():
-    p = config.saved_run_parser(__doc__, default_models=("last",))
+    p = config.saved_run_parser(__doc__, default_models=("last",), seed_help="seed of the random direction")
     p.add_argument("--n_images", type=int, default=4, help="the first this many test images")
     p.add_argument("--range", nargs=2, type=float, default=[-2.0, 2.0], metavar=("LOW", "HIGH"),
                    help="coordinates along both directions, in units of eps")

@@ -308,22 +308,36 @@ def format_row(row):
 
 
 def run_final_eval(trainer, dataset, args, log):
-    states = {"last": cpu_copy(trainer.model)}
+    """The final evaluation of the last model and, with --eval_early_stopped_model, the kept ones: weights kept at
+    the same iteration are the same weights, evaluated once, their random starts seeded by (seed, iteration)."""
+    kept = {"last": {"state": cpu_copy(trainer.model), "iteration": trainer.iteration}}
     if args.eval_early_stopped_model:
-        states.update({name: kept["state"] for name, kept in trainer.kept.items()})
+        kept.update(trainer.kept)
+    first_at = {}  # iteration -> the first model kept there
+    for name, k in kept.items():
+        first_at.setdefault(k["iteration"], name)
+    distinct = {name: kept[name]["state"] for name in first_at.values()}
+    seeds = {name: evaluation.final_eval_seed(args.seed, it) for it, name in first_at.items()}
     idx = process_share(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
-    rows = evaluation.final_eval(trainer.model, states, dataset.test_x[idx].to(args.device),
+    rows = evaluation.final_eval(trainer.model, distinct, dataset.test_x[idx].to(args.device),
                                  dataset.test_y[idx].to(args.device), args.eps / 255, args, trainer.restart,
-                                 watch=lambda batches, n, desc: final_eval_watch(trainer, batches, n, desc))
-    trainer.model.load_state_dict(states["last"])
-    attack = f"PGD-{args.final_attack_iters}-{args.final_n_restarts}"
-    for row in rows:
-        kept = trainer.kept.get(row["model"]) if row["model"] != "last" else None
-        row["iteration"] = kept["iteration"] if kept else trainer.iteration
-        log.info(f"final {row['model']:>13} (iter {row['iteration']}): clean {100 * row['clean_acc']:.2f}% "
-                 f"FGSM {100 * row['fgsm_acc']:.2f}% {attack} {100 * row['pgd_acc']:.2f}% (strict: "
-                 f"{100 * row['pgd_any_acc']:.2f}%) on {row['n_points']} points")
-    return rows
+                                 watch=lambda batches, n, desc: final_eval_watch(trainer, batches, n, desc),
+                                 seeds=seeds)
+    trainer.model.load_state_dict(kept["last"]["state"])
+    by_model = {row["model"]: row for row in rows}
+    out = []
+    for name, k in kept.items():
+        first = first_at[k["iteration"]]
+        protocol = evaluation.pgd_protocol(args.final_attack_iters, args.final_n_restarts,
+                                           args.eps * evaluation.PGD_STEP_FRACTION, by_model[first]["n_points"],
+                                           len(dataset.test_y), seeds[first], args.batch_size_eval)
+        row = {**by_model[first], "model": name, "iteration": k["iteration"], "protocol": protocol}
+        same = f" (the same weights as {first}: evaluated once)" if first != name else ""
+        log.info(f"final {name:>13} (iter {row['iteration']}): clean {100 * row['clean_acc']:.2f}% "
+                 f"FGSM {100 * row['fgsm_acc']:.2f}% {protocol['label']} {100 * row['pgd_acc']:.2f}% (strict: "
+                 f"{100 * row['pgd_any_acc']:.2f}%){same}")
+        out.append(row)
+    return out
 
 
 def final_eval_watch(trainer, batches, n_batches, desc):

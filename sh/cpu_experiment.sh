@@ -33,4 +33,5 @@ for name in fgsm fgsm-vfsat fgsm-gradsum; do
   echo "+ ${cmd[*]}"
   "${cmd[@]}"
 done
-"$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --out "$OUT_DIR/table.md" --plots "$OUT_DIR/plots"
+"$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --compare paper --out "$OUT_DIR/table.md" \
+  --plots "$OUT_DIR/plots"

@@ -95,7 +95,7 @@ summarise() {  # summarise EPS OUT_DIR: counts, each run that did not finish wit
        "${#failed[@]} not finished"
   for name in "${failed[@]}"; do echo "  not finished: $name"; done
   if [ ${#dirs[@]} -gt 0 ]; then
-    "$PYTHON" report.py "${dirs[@]}" --out "$out/table.md" || return 1
+    "$PYTHON" report.py "${dirs[@]}" --compare paper --out "$out/table.md" || return 1
   fi
   if [ ${#failed[@]} -gt 0 ]; then
     echo "rerun the same command to finish them: finished runs are skipped, interrupted ones continue" >&2

@@ -10,6 +10,7 @@ from test_train import TINY_RUN
 
 import eval as evaluation
 import train
+import utils
 
 EPS = 8 / 255
 
@@ -100,7 +101,7 @@ def test_eval_command_line_on_a_finished_run(tmp_path, tiny_data, capsys):
     assert list(result["models"]) == ["last", "early_stopped", "best_test"] and result["n_points"] == 16
     for r in result["models"].values():
         assert set(r) == {"clean_acc", "pgd3_2_acc", "pgd3_2_any_acc", "fgsm_step1_acc", "fgsm_step4_acc",
-                          "worst_case_acc"}
+                          "worst_case_acc", "iteration", "seed"}
         assert r["pgd3_2_any_acc"] <= min(r["pgd3_2_acc"], r["clean_acc"])
         assert r["worst_case_acc"] <= min(r["pgd3_2_any_acc"], r["fgsm_step1_acc"], r["fgsm_step4_acc"])
     assert "| last |" in out
@@ -122,3 +123,46 @@ def test_eval_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert evaluation.main([str(tmp_path), "--n_points", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "RUN_DIR" in err[0] and "--models='best'" in err[1] and "--n_points=0" in err[2]
+
+
+def test_train_and_eval_under_one_protocol_give_the_same_numbers_and_other_protocols_other_labels(tmp_path,
+                                                                                                  tiny_data):
+    """train.py's final PGD (step eps/4) and eval.py's with the same step, points and batches score each model
+    alike (the same seeded starts); eval.py's default step (1/255, the original eval.py's) is labelled apart."""
+    argv = shlex.split(f"{TINY_RUN} --attack=fgsm --eps=8 --data_dir={tiny_data} --out_dir={tmp_path} "
+                       "--run_name=run --final_attack_iters=4 --final_n_restarts=3 --lr_max=0.05 --epochs=4 "
+                       "--n_final_eval=24")
+    assert train.main(argv) == 0
+    finals = {r["model"]: r for r in utils.read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "final"}
+    same = ["--pgd", "4", "3", "--pgd_step", "2", "--n_points", "24", "--batch_size", "8", "--device", "cpu"]
+
+    def evaluated(*extra):
+        before = set(os.listdir(tmp_path / "run"))
+        assert evaluation.main([str(tmp_path / "run"), *extra]) == 0
+        (written,) = [f for f in os.listdir(tmp_path / "run") if f not in before]
+        return json.load(open(tmp_path / "run" / written))
+    result = evaluated(*same)
+    for name, row in finals.items():
+        ours = result["models"][name]
+        assert (ours["pgd4_3_acc"], ours["pgd4_3_any_acc"], ours["clean_acc"]) == (
+            row["pgd_acc"], row["pgd_any_acc"], row["clean_acc"])
+        assert ours["seed"] == row["protocol"]["seed"] and ours["iteration"] == row["iteration"]
+    assert result["pgd_protocol"]["label"] == finals["last"]["protocol"]["label"] == "PGD-4-3 (step 2/255, 24 pts)"
+    assert finals["last"]["pgd_acc"] < finals["last"]["clean_acc"]  # a model that PGD's starts matter for:
+    assert evaluated(*same, "--seed=2")["models"]["last"]["pgd4_3_acc"] != finals["last"]["pgd_acc"]
+    assert evaluated("--pgd", "4", "3", "--n_points", "24")["pgd_protocol"]["label"] == "PGD-4-3 (step 1/255, 24 pts)"
+
+
+def test_models_kept_at_one_iteration_are_evaluated_once_with_identical_numbers(tmp_path, tiny_data, monkeypatch):
+    import evaluation as shared
+    argv = shlex.split(f"{TINY_RUN} --attack=fgsm --data_dir={tiny_data} --out_dir={tmp_path} --run_name=run")
+    evaluated, original = [], shared.final_stats
+    monkeypatch.setattr(shared, "final_stats", lambda model, *a, **kw: evaluated.append(1) or original(model, *a,
+                                                                                                        **kw))
+    assert train.main(argv) == 0
+    finals = {r["model"]: r for r in utils.read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "final"}
+    assert finals["early_stopped"]["iteration"] == finals["best_test"]["iteration"]  # this run keeps one model
+    drop = ("model",)
+    assert {k: v for k, v in finals["early_stopped"].items() if k not in drop} == {
+        k: v for k, v in finals["best_test"].items() if k not in drop}
+    assert len(evaluated) == len({r["iteration"] for r in finals.values()}) == 2

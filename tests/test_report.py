@@ -5,19 +5,20 @@ import os
 import report
 
 
-def make_run(root, name, method_flags, seed, finals, wall_s=100.0, periodic=3, pgd=None, fgsm=None):
+def make_run(root, name, method_flags, seed, finals, wall_s=100.0, periodic=3, pgd=None, fgsm=None, extras=None):
     run = root / name
     run.mkdir()
     args = {"dataset": "cifar10", "model": "cnn", "eps": 8, "attack": "fgsm", "attack_init": "zero",
             "pgd_train_n_iters": 10, "minibatch_replay": 1, "discrete_eps": False, "grad_input_sum_coeff": 0.0,
-            "grad_align_cos_lambda": 0.0, "attack_iters": 50, "n_restarts": 10, "seed": seed, **method_flags}
+            "grad_align_cos_lambda": 0.0, "attack_iters": 50, "n_restarts": 10, "seed": seed, **method_flags,
+            **(extras or {})}
     (run / "args.json").write_text(json.dumps(args))
     pgd = pgd or [0.3 - 0.1 * i for i in range(periodic)]
     fgsm = fgsm or [0.4] * len(pgd)
     rows = [{"kind": "periodic", "iteration": 10 * (i + 1), "epoch": i + 1, "lr": 0.1, "train_eps": 8,
              "test_clean_acc": 0.5, "test_fgsm_acc": f, "test_pgd_acc": p, "train_pgd_acc": 0.3}
             for i, (p, f) in enumerate(zip(pgd, fgsm, strict=True))]
-    rows += [{"kind": "final", "model": m, "clean_acc": c, "fgsm_acc": f, "pgd_acc": p}
+    rows += [{"kind": "final", "model": m, "clean_acc": c, "fgsm_acc": f, "pgd_acc": p, "n_points": 10000}
              for m, (c, f, p) in finals.items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "timing.json").write_text(json.dumps({"wall_s": wall_s, "train_s": wall_s - 1}))
@@ -39,8 +40,8 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     (tmp_path / "unfinished" / "metrics.jsonl").write_text("")
     text = report.table(runs[:4])
     fgsm = cells(text, "fgsm")
-    # dataset, model, method, eps, attack, seeds, clean, FGSM, PGD, ES clean, ES PGD, CO at epoch, wall
-    assert fgsm[3:6] == ["8", "PGD-50-10", "3"]
+    # dataset, model, method, eps, flags, seeds, clean, FGSM, PGD, ES clean, ES PGD, CO at epoch, wall
+    assert fgsm[3:6] == ["8", "-", "3"] and "| PGD-50-10 (step 2/255, 10,000 pts) |" in text
     assert fgsm[6] == "80.00 ± 0.00" and fgsm[8] == "44.00 ± 4.00"  # std of 40, 44, 48 (n - 1) is 4
     assert fgsm[9] == "70.00 ± 0.00" and fgsm[12] == "200"
     vfsat = cells(text, "fgsm-vfsat")
@@ -134,3 +135,65 @@ def test_filters_and_sweeps_of_a_trained_run_through_the_command_lines(tmp_path,
     os.remove(os.path.join(run, "checkpoint.pt"))
     assert report.main([run, "--filters"]) == 2
     assert "checkpoint.pt" in capsys.readouterr().err
+
+
+def test_runs_that_differ_in_a_flag_are_rows_of_their_own_naming_it(tmp_path):
+    last = {"last": (0.8, 0.6, 0.4)}
+    runs = [make_run(tmp_path, "a0", {"lr_max": 0.04, "epochs": 96}, 0, last),
+            make_run(tmp_path, "a1", {"lr_max": 0.04, "epochs": 96}, 1, last),
+            make_run(tmp_path, "b0", {"lr_max": 0.2, "epochs": 6}, 0, last),
+            make_run(tmp_path, "c0", {"lr_max": 0.2, "epochs": 96, "device": "cuda:3", "out_dir": "x"}, 0, last)]
+    rows = [line for line in report.table(runs).splitlines() if "| fgsm |" in line]
+    assert len(rows) == 3
+    assert {r.split(" | ")[4]: r.split(" | ")[5] for r in rows} == {
+        "epochs=96, lr_max=0.04": "2", "epochs=6, lr_max=0.2": "1", "epochs=96, lr_max=0.2": "1"}
+
+
+def test_the_same_seed_twice_is_refused_with_one_line_unless_allowed(tmp_path, capsys):
+    runs = [make_run(tmp_path, name, {}, 0, {"last": (0.8, 0.6, 0.4)}) for name in ("a", "copy-of-a")]
+    assert report.main(runs) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and runs[0] in err[0] and runs[1] in err[0] and "--allow_duplicate_seeds" in err[0]
+    assert report.main(runs + ["--allow_duplicate_seeds"]) == 0
+    assert cells(capsys.readouterr().out, "fgsm")[5] == "2"
+
+
+def test_runs_on_data_of_other_fingerprints_are_never_pooled(tmp_path):
+    data = lambda fp: {"_data": {"fingerprint": f"48 train + 24 test images, sha1 {fp}"}}  # noqa: E731
+    runs = [make_run(tmp_path, f"r{i}", {}, i, {"last": (0.8, 0.6, 0.4)}, extras=data(fp))
+            for i, fp in enumerate(("aaaa", "aaaa", "bbbb"))]
+    rows = [line.split(" | ") for line in report.table(runs).splitlines() if "| fgsm |" in line]
+    assert sorted((r[4], r[5]) for r in rows) == [("data=aaaa", "2"), ("data=bbbb", "1")]
+
+
+def test_results_of_other_protocols_never_share_a_column(tmp_path):
+    runs = [make_run(tmp_path, "r10", {}, 0, {"last": (0.8, 0.6, 0.4)}),
+            make_run(tmp_path, "r3", {"final_n_restarts": 3}, 0, {"last": (0.8, 0.6, 0.5)})]
+    text = report.table(runs)
+    headers = [line for line in text.splitlines() if line.startswith("| dataset")]
+    assert len(headers) == 2 and "PGD-50-10 (step 2/255" in headers[0] + headers[1]
+    assert "PGD-50-3 (step 2/255" in headers[0] + headers[1]
+
+
+def table_run_args(eps, row):
+    """The computational flags of sh/cifar10_table.tsv's run of this row, as its args.json holds them."""
+    import config
+
+    rows = [line.rstrip("\n").split("\t") for line in open(report.TABLE_ROWS) if not line.startswith("#")]
+    common = next(r[2] for r in rows if r[1] == "common")
+    flags = next(r[2] for r in rows if r[1] == row and r[0] in ("*", str(eps)))
+    return vars(config.build_parser().parse_args(f"{common} --eps={eps} {flags}".split()))
+
+
+def test_compare_paper_sets_the_originals_numbers_beside_a_matching_row(tmp_path, capsys):
+    gradsum = table_run_args(8, "gradsum")
+    runs = [make_run(tmp_path, f"g{s}", {}, s, {"last": (0.7398 + d, 0.49, 0.4419 + d)}, extras={**gradsum, "seed": s})
+            for s, d in ((0, 0.01), (1998, -0.01))]
+    runs.append(make_run(tmp_path, "other", {"lr_max": 0.1}, 0, {"last": (0.8, 0.6, 0.4)},
+                         extras={**gradsum, "lr_max": 0.1}))
+    assert report.main(runs + ["--compare", "paper"]) == 0
+    out = capsys.readouterr().out
+    (ours,) = [line for line in out.splitlines() if "| GradSum (3 runs) |" in line]
+    assert "| 73.98 ± 0.22 | 44.19 ± 0.21 | +0.00 | +0.00 |" in ours and "| 73.98 ± 1.41 |" in ours
+    (other,) = [line for line in out.splitlines() if "lr_max=0.1" in line]
+    assert "| no paper row |" in other

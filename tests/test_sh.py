@@ -194,11 +194,11 @@ def test_slurm_table_submits_one_array_task_per_run_and_a_table_job_after_them(s
     env, _ = stand_in
     path, records = slurm
     done = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path,
-                      env={**env, **path, "PARTITION": "gpu", "ACCOUNT": "lab", "TIME_LIMIT": "2:00:00"})
+                      env={**env, **path, "PARTITION": "gpu", "ACCOUNT": "mylab", "TIME_LIMIT": "8:00:00"})
     assert done.returncode == 0, done.stderr
     array, table = (records / "sbatch.txt").read_text().splitlines()
-    for opt in ("--array=0-5", "--signal=B:USR1@300", "--requeue", "--partition=gpu", "--account=lab",
-                "--time=2:00:00", "--gpus-per-task=1", f"{tmp_path}/runs/t/logs/slurm-%A_%a.out"):
+    for opt in ("--array=0-5", "--signal=B:USR1@300", "--requeue", "--partition=gpu", "--account=mylab",
+                "--time=8:00:00", "--gpus-per-task=1", f"{tmp_path}/runs/t/logs/slurm-%A_%a.out"):
         assert opt in array
     assert array.endswith(f"sh/slurm_table.sbatch 8 {tmp_path}/runs/t {tmp_path}/data")
     assert "--dependency=afterany:4242" in table and table.endswith(f"--table 8 {tmp_path}/runs/t {tmp_path}/data")
