@@ -178,7 +178,8 @@ def pgd_restart(model, x, y, delta, eps, step, n_iters, loss_scale=1.0):
     return delta, loss, correct, hit | ~correct
 
 
-def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restart=pgd_restart, loss_scale=1.0):
+def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restart=pgd_restart, loss_scale=1.0,
+             batched=False):
     """The original's PGD-n_iters-n_restarts evaluation of the model as it is (eval mode expected).
 
     Each restart starts uniformly in the eps-ball (unclipped), takes n_iters signed steps, each clipped to
@@ -191,6 +192,7 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
     by a point of even higher loss, so later restarts skip it. The random starts are drawn for the whole batch
     either way, and in eval mode every example's trajectory is its own, so the results are the same.
     restart: pgd_restart or a function that computes the same (a GraphedRestarts).
+    batched: every restart in one pass (batched_restarts): the original's results without the skip.
     With no iteration or no restart the kept perturbation is zero (the clean point), as in the original.
     """
     kept_delta = torch.zeros_like(x)
@@ -199,6 +201,8 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
     broken = logits.argmax(1) != y
     if n_iters == 0 or n_restarts == 0:
         return ~broken, ~broken, kept_delta
+    if batched:
+        return batched_restarts(model, x, y, broken, eps, step, n_iters, n_restarts, restart, loss_scale)
     lost_above = math.log(logits.shape[1]) + LOSS_MARGIN
     max_loss = torch.zeros(len(y), device=x.device, dtype=x.dtype)
     kept_correct = torch.zeros_like(broken)
@@ -216,6 +220,25 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
         kept_correct[active[better]] = correct[better]
         max_loss[active] = torch.maximum(max_loss[active], loss)
     return kept_correct, ~broken, reclamped(x, kept_delta)
+
+
+def batched_restarts(model, x, y, broken, eps, step, n_iters, n_restarts, restart=pgd_restart, loss_scale=1.0):
+    """pgd_eval's restarts as one batch of n_restarts * len(y) examples (eval mode: rows independent), the starts
+    drawn first, in the order the restart loop draws them; per example the last restart of the highest loss is
+    kept, as the loop's `>=` keeps it, none where every loss is NaN. The results of pgd_eval without the skip,
+    in one pass instead of n_restarts."""
+    n = len(y)
+    starts = torch.cat([uniform_delta(x, eps) for _ in range(n_restarts)])
+    repeat = lambda t: t.repeat(n_restarts, *(1,) * (t.dim() - 1))  # noqa: E731
+    delta, loss, correct, hit = restart(model, repeat(x), repeat(y), starts, eps, step, n_iters, loss_scale)
+    loss = loss.view(n_restarts, n)
+    best = torch.nan_to_num(loss, nan=-1.0).max(0).values  # cross-entropy is >= 0: -1 marks no restart kept
+    last_best = n_restarts - 1 - (loss == best).flip(0).int().argmax(0)  # ties go to the later restart
+    pick = last_best * n + torch.arange(n, device=x.device)
+    kept = best >= 0
+    kept_delta = torch.where(kept.view(-1, *(1,) * (x.dim() - 1)), delta[pick], 0)
+    broken = broken | hit.view(n_restarts, n).any(0)
+    return correct[pick] & kept, ~broken, reclamped(x, kept_delta)
 
 
 def reclamped(x, delta):

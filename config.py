@@ -131,6 +131,9 @@ def build_parser(description=None):
     g("--stop_on_warning", action="store_true", help="end the run (exit 1) at the first health warning (a "
       "vanishing loss scale, zero regulariser or perturbation, a constant loss) instead of logging it")
     g("--batch_size_eval", type=int, default=256, help="evaluation batch per process (images)")
+    g("--batched_restarts", action="store_true", help="evaluations: every PGD restart of a batch in one pass of "
+      "n_restarts x batch_size_eval images (starts drawn as the restart loop draws them): the original's results "
+      "without the ln K skip, faster on a GPU whose batches of later restarts would be small")
     g = p.add_argument_group("precision and speed").add_argument
     g("--half_prec", action="store_true", help="mixed precision (autocast; fp16 with dynamic loss scaling)")
     g("--amp_dtype", default="float16", help=f"with --half_prec: one of {', '.join(AMP_DTYPES)} (bfloat16 needs "

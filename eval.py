@@ -54,8 +54,8 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0):
     if opts.pgd:
         torch.manual_seed(seed)
         iters, restarts = opts.pgd
-        pgd = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255), ("pgd", "pgd_any"),
-                  f"PGD-{iters}-{restarts}")
+        pgd = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255,
+                                       batched=opts.batched_restarts), ("pgd", "pgd_any"), f"PGD-{iters}-{restarts}")
         masks[f"pgd{iters}_{restarts}_acc"] = pgd["pgd"]  # column_label names its step and points
         masks[f"pgd{iters}_{restarts}_any_acc"] = pgd["pgd_any"]
         in_ball.append(pgd["pgd_any"])
@@ -86,6 +86,8 @@ def build_parser():
     p.add_argument("--fgsm_sweep_projected", action="store_true", help="project steps larger than eps onto the "
                    "eps-ball (the original leaves them unprojected)")
     p.add_argument("--autoattack", action="store_true", help="AutoAttack, standard version (torchattacks)")
+    p.add_argument("--batched_restarts", action="store_true", help="every PGD restart of a batch in one pass (the "
+                   "same results; faster on a GPU)")
     p.add_argument("--n_points", type=int, default=-1, help="the first this many test points; -1: all")
     p.add_argument("--batch_size", type=int, default=1024)
     return p

@@ -97,11 +97,12 @@ def example_scale(loss_scale, n):
 
 
 def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True, restart=attacks.pgd_restart,
-              loss_scale=None):
+              loss_scale=None, batched=False):
     """(x, y) -> per-example 'pgd' (correct under the original protocol) and 'pgd_any' (the strict rule)."""
     def stats(x, y):
         correct, robust, _ = attacks.pgd_eval(model, x, y, eps, step or eps * PGD_STEP_FRACTION, n_iters,
-                                              n_restarts, skip_lost, restart, example_scale(loss_scale, len(y)))
+                                              n_restarts, skip_lost, restart, example_scale(loss_scale, len(y)),
+                                              batched)
         return {"pgd": correct, "pgd_any": robust}
     return stats
 
@@ -127,14 +128,16 @@ def fgsm_stats(model, step, radius):
     return lambda x, y: {"fgsm": attacks.fgsm_eval(model, x, y, step, radius)[0]}
 
 
-def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pgd_restart, loss_scale=None):
+def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pgd_restart, loss_scale=None,
+                        batched=False):
     """Everything the original logs about the test points: clean, FGSM (step eps), PGD accuracy, the cosine
     between the FGSM and PGD perturbations, and the cosine between input gradients at x and at x + eta."""
     def stats(x, y):
         scale = example_scale(loss_scale, len(y))
         fgsm_correct, fgsm_delta = attacks.fgsm_eval(model, x, y, eps, eps, scale)
         pgd_correct, pgd_robust, pgd_delta = attacks.pgd_eval(model, x, y, eps, eps * PGD_STEP_FRACTION,
-                                                              attack_iters, n_restarts, True, restart, scale)
+                                                              attack_iters, n_restarts, True, restart, scale,
+                                                              batched)
         cosines = attacks.grad_cosines(model, x, y, eps, loss_scale or 1.0)  # a batch-mean loss, as the original's
         return {"clean_acc": utils.clean_correct(model, x, y), "fgsm_acc": fgsm_correct, "pgd_acc": pgd_correct,
                 "pgd_any_acc": pgd_robust, "cos_fgsm_pgd": attacks.cosines_or_one(fgsm_delta, pgd_delta),
@@ -154,10 +157,10 @@ def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart, auto
     model.eval()
     with autocast or contextlib.nullcontext():
         test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts, restart,
-                                                       loss_scale),
+                                                       loss_scale, args.batched_restarts),
                                    PERIODIC_TEST_KEYS, batches(test_x, test_y, args.batch_size_eval, "test points"))
         train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts, restart=restart,
-                                       loss_scale=loss_scale),
+                                       loss_scale=loss_scale, batched=args.batched_restarts),
                              ("pgd",), batches(train_x, train_y, args.batch_size_eval, "training points"))
     row = {("test_" + k if k.endswith("_acc") else k): v for k, v in test.items()}
     row["train_pgd_acc"] = train["pgd"]
@@ -205,7 +208,8 @@ def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, w
 
 
 def final_stats(model, eps, args, restart=attacks.pgd_restart):
-    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, restart=restart)
+    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, restart=restart,
+                    batched=args.batched_restarts)
     return lambda x, y: {"clean": utils.clean_correct(model, x, y), "fgsm": attacks.fgsm_eval(model, x, y, eps, eps)[0],
                          **pgd(x, y)}
 

@@ -394,3 +394,36 @@ def test_skipping_lost_examples_changes_no_result():
         (fast_c, fast_r, _), (plain_c, plain_r, _) = results
         assert torch.equal(fast_c, plain_c) and torch.equal(fast_r, plain_r)
         assert not (plain_r & ~plain_c).any()  # the strict rule is never above the original one
+
+
+def test_batched_restarts_equal_the_restart_loop_and_leave_the_same_random_stream():
+    """One pass of n_restarts x batch: per example the same correctness, strict rule and kept perturbation as the
+    loop without the skip (and the same correctness as with it), and the random stream where the loop leaves it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    x, y = torch.rand(96, 3, 8, 8), torch.randint(0, 10, (96,))
+    for seed in range(3):
+        results, after = {}, {}
+        for mode in ("loop", "skip", "batched"):
+            torch.manual_seed(seed)
+            results[mode] = attacks.pgd_eval(model, x, y, 4 / 255, 1 / 255, n_iters=5, n_restarts=4,
+                                             skip_lost=mode == "skip", batched=mode == "batched")
+            after[mode] = torch.rand(1)
+        assert all(torch.equal(a, b) for a, b in zip(results["loop"], results["batched"], strict=True))
+        assert torch.equal(results["skip"][0], results["batched"][0])
+        assert torch.equal(results["skip"][1], results["batched"][1])
+        assert torch.equal(after["loop"], after["batched"]) and torch.equal(after["skip"], after["batched"])
+        assert 0 < results["batched"][0].sum() < len(y)  # some examples hold, some break: the premise
+
+
+def test_batched_restarts_keep_the_later_restart_on_a_tie():
+    """A model blind to its input: every restart's loss ties, and the loop's >= keeps the last restart's point."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10)).eval()
+    nn.init.zeros_(model[1].weight)
+    x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    torch.manual_seed(5)
+    _, _, delta = attacks.pgd_eval(model, x, y, 8 / 255, 2 / 255, 2, 3, batched=True)
+    torch.manual_seed(5)
+    starts = [attacks.uniform_delta(x, 8 / 255) for _ in range(3)]
+    last = attacks.reclamped(x, attacks.project_pgd(x, starts[-1], 8 / 255))  # no step: a zero gradient
+    assert torch.equal(delta, last) and not torch.equal(delta, attacks.reclamped(x, starts[0]))

@@ -29,7 +29,8 @@ def test_evaluation_sections_get_uint8_images_as_train_py_gives_them(capsys, mon
     bench.main(["--device=cpu", "--model=cnn", "--n_filters=4", "--image_size=8", "--eval_points=16",
                 "--batch_size_eval=8", "--sections=eval"])
     assert re.search(r"eager: .* \(test clean 100\.00%", capsys.readouterr().out)  # the labels are its predictions
-    assert len(seen) == 6 and all(x.dtype == torch.uint8 and x.max() > 1 for x in seen)  # final 2, periodic 2 × 2
+    # the final evaluation in its 3 modes; the periodic one eager and batched, twice each, on test and training points
+    assert len(seen) == 3 + 2 * 2 * 2 and all(x.dtype == torch.uint8 and x.max() > 1 for x in seen)
 
 
 def test_operator_count_skips_views_allocations_and_non_tensors():

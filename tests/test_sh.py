@@ -1,5 +1,6 @@
 """The launch scripts: valid bash, and every command they launch is one train.py accepts."""
 import glob
+import json
 import os
 import shlex
 import signal
@@ -79,6 +80,7 @@ USAGE_ERRORS = {  # a wrong argument list for each script: too few arguments, an
     "cifar10_eps8.sh": (["0"], ["-1", "runs/x"]),
     "cifar10_table.sh": (["8", "0"], ["8", "--help=0", "runs/x"]),
     "cpu_experiment.sh": ([], ["-d"]),
+    "gpu_check.sh": (["data"], ["data", "--out"]),
     "slurm_multinode.sbatch": (["runs/x", "data"], ["--out", "data", "name"]),
     "slurm_table.sbatch": (["8", "runs/x"], ["8", "-o", "data"]),
     "slurm_table.sh": (["8"], ["8", "--partition=gpu", "data"]),
@@ -231,3 +233,22 @@ def test_slurm_task_checkpoints_and_requeues_before_its_time_limit_then_finishes
     again = subprocess.run(task, env=dict(os.environ, **env), capture_output=True, text=True)
     assert again.returncode == 0 and "finished already" in again.stdout and len(train_calls(calls)) == n_calls
     assert (records / "scontrol.txt").read_text() == "requeue 4242_2\n"  # no second requeue
+
+
+def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_path):
+    """TINY=1: the script a GPU session runs, on the CPU in seconds, its data packed as it travels (a .tar)."""
+    import tarfile
+    with tarfile.open(tmp_path / "data.tar", "w") as tar:
+        tar.add(tiny_data, arcname="cifar10")
+    out = tmp_path / "gpu"
+    done = run_script("gpu_check.sh", str(tmp_path / "data.tar"), str(out), cwd=tmp_path,
+                      env={"TINY": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "skipped" in (out / "tests.txt").read_text()  # the GPU-only tests, skipped without a GPU
+    bench = (out / "bench.txt").read_text()
+    assert "| FGSM+GradSum |" in bench and "--batched_restarts" in bench
+    args = json.loads((out / "gradsum-eps8-seed0" / "args.json").read_text())
+    assert (args["grad_input_sum_coeff"], args["half_prec"], args["batched_restarts"]) == (10, True, True)
+    assert "--grad_input_sum_coeff=10" in args["_provenance"]["command"]  # the README's line, word for word
+    assert set(json.loads((out / "gradsum-eps8-seed0" / "timing.json").read_text())) >= {"wall_s", "periodic_eval_s"}
+    assert "no paper row" in (out / "table.md").read_text() and "timing (s):" in done.stdout
