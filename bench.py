@@ -224,25 +224,25 @@ def load_inputs(opts, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--run", help="a finished train.py run directory: benchmark its model on its test images")
     p.add_argument("--model", default="resnet18", help="without --run: resnet18, resnet34 or cnn")
-    p.add_argument("--n_layers", type=int, default=1)
-    p.add_argument("--n_filters", type=int, default=16)
+    p.add_argument("--n_layers", type=int, default=1, help="cnn: number of 3x3 conv layers")
+    p.add_argument("--n_filters", type=int, default=16, help="cnn: filters per conv layer")
     p.add_argument("--image_size", type=int, default=32, help="pixels (random images)")
     p.add_argument("--eps", type=float, default=8, help="pixels/255")
     p.add_argument("--batch_size", type=int, default=32, help="training batch (images)")
     p.add_argument("--half_prec", action="store_true", help="training steps and the periodic evaluation under "
                    "autocast, as train.py (the final evaluation stays fp32)")
-    p.add_argument("--amp_dtype", default="float16", choices=config.AMP_DTYPES)
-    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--amp_dtype", default="float16", choices=config.AMP_DTYPES, help="with --half_prec")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format, as train.py's flag")
     p.add_argument("--cuda_graph", action="store_true", help="on a CUDA device: training iterations and "
                    "evaluation's PGD restarts replayed from CUDA graphs, as train.py --cuda_graph")
     p.add_argument("--n_iters", type=int, default=3, help="iterations per method per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     p.add_argument("--eval_points", type=int, default=256, help="images of the PGD-50-10 throughput test")
-    p.add_argument("--batch_size_eval", type=int, default=256)
+    p.add_argument("--batch_size_eval", type=int, default=256, help="evaluation batch (images)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
     p.add_argument("--profile", metavar="METHOD", help="instead: torch.profiler's table of one iteration of this "
                    f"method (one of: {', '.join(METHODS)}; under --half_prec also {', '.join(HALF_PREC_METHODS)})")

@@ -33,6 +33,10 @@ class UsageError(Exception):
     """A bad flag or combination; the message names the flag, the value and what is allowed."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written, and every flag's default."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -60,7 +64,7 @@ def expand_presets(argv):
 
 
 def build_parser(description=None):
-    p = TrainParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = TrainParser(description=description, formatter_class=HelpFormatter,
                     allow_abbrev=False)
     g = p.add_argument_group("data").add_argument
     g("--dataset", default="cifar10", help=f"one of {', '.join(data.DATASETS)}")
@@ -86,9 +90,11 @@ def build_parser(description=None):
     g("--weight_decay", type=float, default=5e-4, help="SGD (momentum 0.9) for ResNets, Adam for cnn")
     g("--weight_clip", action="store_true", help="the original's weight clipping after each step (weights >= 0.2 "
       "become 0.1, <= -0.2 become -0.1)")
-    g("--seed", type=int, default=0)
+    g("--seed", type=int, default=0, help="seed of the initialisation, data order, augmentation and attacks")
     g = p.add_argument_group("training attack").add_argument
     g("--eps", type=float, default=8.0, help="L-inf radius, pixels/255 (training and evaluation)")
+    g("--eps_below_one_pixel", action="store_true", help="accept an --eps below 1 (refused by default: 0.031 is "
+      "usually 8/255 written in [0, 1] units)")
     g("--attack", default="fgsm", help=f"one of {', '.join(ATTACKS)}")
     g("--attack_init", default="random", help="zero, or random (uniform in the eps-ball; on the 1/255 grid "
       "under VFSAT)")
@@ -210,10 +216,15 @@ def check_args(args, n_procs=1):
     for flag in ("start_eval_epoch", "weight_decay", *(r.flag for r in methods.REGULARISERS)):
         need(getattr(args, flag) >= 0, flag, "must be zero or positive")
     need(args.eps <= 255, "eps", "is in pixels/255: at most 255")
+    need(args.eps >= 1 or args.eps_below_one_pixel, "eps", f"is in pixels/255, so this trains at {args.eps:g}/255; "
+         f"{args.eps:g} in [0, 1] units is {255 * args.eps:.3g}/255, --eps={round(255 * args.eps)}; add "
+         "--eps_below_one_pixel to train below one intensity level")
     need(args.n_train == -1 or args.n_train >= args.batch_size, "n_train",
          f"-1 (all) or at least --batch_size ({args.batch_size})")
-    need(args.n_eval_every_k_iter >= args.batch_size, "n_eval_every_k_iter", f"at least --batch_size "
-         f"({args.batch_size}): the original evaluates training points in full training batches")
+    given_batch = args.n_eval_every_k_iter == build_parser().get_default("n_eval_every_k_iter")  # which to blame
+    need(args.n_eval_every_k_iter >= args.batch_size, "batch_size" if given_batch else "n_eval_every_k_iter",
+         f"--batch_size ({args.batch_size}) is above --n_eval_every_k_iter ({args.n_eval_every_k_iter}), and the "
+         "original evaluates training points in full training batches: lower the one or raise the other")
     need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
     gradsum_flag = "grad_input_sum_coeff" if args.grad_input_sum_coeff else "print_g_i_s"  # either computes it
     need(not (getattr(args, gradsum_flag) and args.grad_align_cos_lambda and args.attack_init == "zero"
@@ -317,13 +328,13 @@ def load_checkpoint(path, flag="--resume"):
 def saved_run_parser(description, default_models=SAVED_MODELS, seed_help="seed of the random draws", default_seed=0):
     """The arguments of the tools that read a finished run (eval.py, surface.py): RUN_DIR, the models, eps, the
     data folder, the device and the seed."""
-    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(description=description, formatter_class=HelpFormatter,
                       allow_abbrev=False)
-    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory written by train.py")
     p.add_argument("--models", nargs="+", default=list(default_models), help=f"any of {', '.join(SAVED_MODELS)}")
     p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
     p.add_argument("--data_dir", help="default: the run's")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=default_seed, help=seed_help)
     return p
 

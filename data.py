@@ -405,6 +405,11 @@ def load_data(dataset, data_dir, download=True):
     spec = DATASETS.get(dataset)
     if spec is None:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    halves = [split for split in ("train", "test") if os.path.isdir(os.path.join(data_dir, split))]
+    if len(halves) == 1:  # half an image folder: say so, rather than reading (or downloading) something else
+        missing = {"train", "test"} - set(halves)
+        raise DataError(f"{data_dir} has {halves[0]}/ but no {missing.pop()}/: an image folder needs "
+                        "train/<class>/* and test/<class>/*")
     if not spec.present(data_dir):
         if not download:
             raise DataError(f"{data_dir} does not hold {dataset} (not downloaded: the run's own data is needed); "

@@ -89,7 +89,8 @@ def build_parser():
     p.add_argument("--batched_restarts", action="store_true", help="every PGD restart of a batch in one pass (the "
                    "same results; faster on a GPU)")
     p.add_argument("--n_points", type=int, default=-1, help="the first this many test points; -1: all")
-    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=1024, help="evaluation batch (images); the random starts "
+                   "depend on it: the run's --batch_size_eval reproduces its final evaluation")
     return p
 
 

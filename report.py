@@ -326,8 +326,8 @@ def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
     return "\n\n".join(out) + "\n\n" + note + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
     p.add_argument("paths", nargs="+", help="run directories written by train.py, or folders holding them")
     p.add_argument("--out", help="also write the table to this Markdown file")
     p.add_argument("--plots", metavar="DIR", help="write RUN/curves.png for each run and DIR/<group>.png; where "
@@ -339,7 +339,11 @@ def main(argv=None):
                    "minus its")
     p.add_argument("--allow_duplicate_seeds", action="store_true", help="pool two runs of the same flags, data and "
                    "seed into one row (refused by default: usually the same run copied twice)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.run_dirs = [d for path in args.paths for d in find_runs(path)]
     empty = [path for path in args.paths if not find_runs(path)]
     if empty:

@@ -484,6 +484,10 @@ def prepare(argv):
         config.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
     given, args.data_dir = args.data_dir, os.path.abspath(args.data_dir)  # a resume from elsewhere finds it
     dataset = data.load_data(args.dataset, args.data_dir, download=checkpoint is None)
+    n_train = len(dataset.train_y) if args.n_train < 0 else min(args.n_train, len(dataset.train_y))
+    if n_train < args.batch_size:
+        raise UsageError(f"--batch_size={args.batch_size}: {given} holds {n_train} training images, not one batch; "
+                         "lower --batch_size")
     if checkpoint is not None:
         config.check_fingerprint(args.resume, dataset, given)
     return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": data.fingerprint(dataset)}

@@ -153,6 +153,10 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--attack_init=zero --grad_align_cos_lambda=0.2 --grad_input_sum_coeff=1", "--fix_gradsum"),
     ("--attack_init=zero --grad_align_cos_lambda=0.2 --print_g_i_s", "--print_g_i_s=True"),
     ("--n_eval_every_k_iter=8", "--n_eval_every_k_iter=8"),
+    ("--batch_size=5000 --n_eval_every_k_iter=256", "--batch_size=5000"),  # the flag given, not its neighbour
+    ("--batch_size=64 --n_eval_every_k_iter=64", "--batch_size=64: "),  # 48 training images: not one batch
+    ("--eps=0.031", "--eps=8"),  # the [0, 1] convention, refused, naming what it would be
+    ("--eps=0.5 --eps_below_one_pixel --epochs=0", "--epochs=0"),  # accepted when asked: the next check speaks
     ("--amp_dtype=float8", "--amp_dtype='float8'"),
     ("--load_model=/nonexistent", "--load_model='/nonexistent'"),
     ("--resume=/nonexistent", "--resume='/nonexistent'"),
@@ -186,6 +190,16 @@ def test_default_run_name_has_no_spaces_or_colons():
     assert name == "fgsm-rs-vfsat-gradsum0.5" and re.match(config.RUN_NAME_PATTERN, name)
 
 
+@pytest.mark.parametrize("present", ["train", "test"])
+def test_half_an_image_folder_is_named_as_such(present, tmp_path, tiny_data, capsys):
+    import shutil
+    shutil.rmtree(os.path.join(tiny_data, {"train": "test", "test": "train"}[present]))
+    code, _ = run_cli("", tmp_path, tiny_data)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"has {present}/ but no" in err[0]
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_missing_data_exits_2_with_one_line_and_no_files(tmp_path, monkeypatch, capsys):
     import torchvision.datasets.utils as tv_utils
 
@@ -195,3 +209,16 @@ def test_missing_data_exits_2_with_one_line_and_no_files(tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0] and "cifar-10-batches-py" in err[0]
     assert not missing.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("tool", ["train", "eval", "surface", "report", "bench"])
+def test_help_gives_every_flag_a_text_and_its_default(tool):
+    import importlib
+    parser = config.build_parser() if tool == "train" else importlib.import_module(tool).build_parser()
+    assert parser.formatter_class is config.HelpFormatter
+    formatter = config.HelpFormatter(tool)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{tool} {action.option_strings[0]} has no help"
+            assert "%(default)s" in formatter._get_help_string(action), f"{tool} {action.option_strings[0]}"
+    assert "(default: 8.0)" in " ".join(parser.format_help().split()) or tool != "train"
