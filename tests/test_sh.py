@@ -248,7 +248,7 @@ def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_pat
     bench = (out / "bench.txt").read_text()
     assert "| FGSM+GradSum |" in bench and "--batched_restarts" in bench
     args = json.loads((out / "gradsum-eps8-seed0" / "args.json").read_text())
-    assert (args["grad_input_sum_coeff"], args["half_prec"], args["batched_restarts"]) == (10, True, True)
+    assert (args["grad_input_sum_coeff"], args["half_prec"], args["channels_last"]) == (10, True, True)
     assert "--grad_input_sum_coeff=10" in args["_provenance"]["command"]  # the README's line, word for word
     assert set(json.loads((out / "gradsum-eps8-seed0" / "timing.json").read_text())) >= {"wall_s", "periodic_eval_s"}
     assert "no paper row" in (out / "table.md").read_text() and "timing (s):" in done.stdout
