@@ -7,6 +7,7 @@ case over those attacks within the eps-ball.
 Defaults follow the original's eval.py and sh/eval.sh: PGD-50-10 with step 1/255, and FGSM steps larger than eps
 left unprojected (the ball grows to the step). Writes RUN/eval-<date-time>.json and prints a table.
 """
+import importlib.metadata
 import json
 import os
 import sys
@@ -88,6 +89,9 @@ def build_parser():
     p.add_argument("--autoattack", action="store_true", help="AutoAttack, standard version (torchattacks)")
     p.add_argument("--batched_restarts", action="store_true", help="every PGD restart of a batch in one pass (the "
                    "same results; faster on a GPU)")
+    p.add_argument("--export", metavar="DIR", help="also write each model as RobustBench's PreActResNet loads it "
+                   "(DIR/<run>-<model>.pt, a plain state_dict) and its DIR/<run>-<model>.json in RobustBench's "
+                   "model_info fields; runs AutoAttack (standard), as RobustBench scores models")
     p.add_argument("--n_points", type=int, default=-1, help="the first this many test points; -1: all")
     p.add_argument("--batch_size", type=int, default=1024, help="evaluation batch (images); the random starts "
                    "depend on it: the run's --batch_size_eval reproduces its final evaluation")
@@ -102,12 +106,44 @@ def prepare(argv):
         opts.pgd = None
     elif min(opts.pgd) < 1:
         raise UsageError(f"--pgd={opts.pgd}: iterations and restarts must be positive (0 0 skips PGD)")
+    if opts.export:
+        opts.autoattack = True  # RobustBench's robust accuracy is AutoAttack's
     if opts.autoattack:
         try:
             import torchattacks  # noqa: F401
         except ImportError:
             raise UsageError("--autoattack: needs torchattacks; pip install -r requirements.txt") from None
-    return opts, config.open_saved_run(opts)
+    saved = config.open_saved_run(opts)
+    if opts.export and not (saved.args.model in ROBUSTBENCH_DEPTHS and saved.args.input_normalization == "none"):
+        raise UsageError(f"--export: RobustBench's PreActResNet layout is that of resnet18 and resnet34 without input "
+                         f"normalisation; this run has --model={saved.args.model} --input_normalization="
+                         f"{saved.args.input_normalization}")
+    return opts, saved
+
+
+ROBUSTBENCH_DEPTHS = {"resnet18": "PreActResNet-18", "resnet34": "PreActResNet-34"}
+
+
+def robustbench_state(state):
+    """A state dict of models.PreActResNet as RobustBench's PreActResNet names it: the projection shortcut is the
+    first module of a Sequential there, and nothing else differs."""
+    return {k.replace(".shortcut.weight", ".shortcut.0.weight"): v for k, v in state.items()}
+
+
+def export(opts, saved, name, result):
+    """DIR/<run>-<model>.pt and .json: the weights RobustBench's PreActResNet loads, and its model_info fields."""
+    os.makedirs(opts.export, exist_ok=True)
+    stem = os.path.join(opts.export, f"{config.run_name(opts.run)}-{name}")
+    utils.atomic_torch_save(robustbench_state(saved.states[name]), stem + ".pt")
+    info = {"name": f"Improving Single-Step Adversarial Training By Local Smoothing: {config.method_name(saved.args)}"
+            f" ({name} model of {config.run_name(opts.run)})", "dataset": saved.args.dataset, "threat_model": "Linf",
+            "eps": f"{opts.eps:g}/255", "architecture": ROBUSTBENCH_DEPTHS[saved.args.model],
+            "training_method": config.method_name(saved.args), "additional_data": False, "number_forward_passes": 1,
+            "clean_acc": f"{100 * result['clean_acc']:.2f}", "autoattack_acc": f"{100 * result['autoattack_acc']:.2f}",
+            "n_points": result["n_points"], "autoattack": f"torchattacks {importlib.metadata.version('torchattacks')}"
+            f" AutoAttack, version standard, seed {result['seed']}"}
+    utils.atomic_write_text(json.dumps(info, indent=2) + "\n", stem + ".json")
+    return stem
 
 
 def main(argv=None):
@@ -123,6 +159,11 @@ def main(argv=None):
     if opts.pgd:
         results["pgd_protocol"] = evaluation.pgd_protocol(*opts.pgd, opts.pgd_step, len(y), len(dataset.test_y),
                                                           batch_size=opts.batch_size)
+    if opts.autoattack:
+        version = importlib.metadata.version("torchattacks")
+        results["autoattack_protocol"] = {
+            "implementation": "torchattacks", "version": version, "attack_version": "standard", "n_points": len(y),
+            "seed": "each model's 'seed'", "label": f"AutoAttack (torchattacks {version}, standard, {len(y):,} pts)"}
     evaluated = {}  # iteration -> the model evaluated for it: the same weights are evaluated once
     for name in opts.models:
         if name not in states:
@@ -131,12 +172,15 @@ def main(argv=None):
         iteration = saved.iterations[name]
         if iteration in evaluated:
             results["models"][name] = results["models"][evaluated[iteration]]
-            continue
-        evaluated[iteration] = name
-        seed = evaluation.final_eval_seed(saved.args.seed, iteration) if opts.seed is None else opts.seed
-        model.load_state_dict(states[name])
-        results["models"][name] = {**evaluate(model, x, y, opts.eps, opts, dataset.n_classes, seed),
-                                   "iteration": iteration, "seed": seed}
+        else:
+            evaluated[iteration] = name
+            seed = evaluation.final_eval_seed(saved.args.seed, iteration) if opts.seed is None else opts.seed
+            model.load_state_dict(states[name])
+            results["models"][name] = {**evaluate(model, x, y, opts.eps, opts, dataset.n_classes, seed),
+                                       "iteration": iteration, "seed": seed}
+        if opts.export:
+            stem = export(opts, saved, name, {**results["models"][name], "n_points": len(y)})
+            print(f"exported {stem}.pt and {stem}.json")
     out = new_result_path(opts.run)
     try:
         utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
@@ -149,10 +193,13 @@ def main(argv=None):
     return 0
 
 
-def column_label(key, protocol):
-    """A result key's column label; PGD's names its protocol in full (step and points), strict or not."""
+def column_label(key, results):
+    """A result key's column label; PGD's and AutoAttack's name their protocol in full, PGD's strict or not."""
+    protocol = results.get("pgd_protocol")
     if protocol and key.startswith(f"pgd{protocol['iterations']}_{protocol['restarts']}_"):
         return protocol["label"] + (", strict" if key.endswith("_any_acc") else "")
+    if key == "autoattack_acc" and "autoattack_protocol" in results:
+        return results["autoattack_protocol"]["label"]
     return key.replace("_acc", "")
 
 
@@ -170,7 +217,7 @@ def format_table(results):
     """Markdown table, one row per model, accuracies in %."""
     columns = [c for c in next(iter(results["models"].values()), {}) if c.endswith("_acc")]  # in measured order
     lines = [f"eps {results['eps']:g}/255, {results['n_points']} test points",
-             "| model | " + " | ".join(column_label(c, results.get("pgd_protocol")) for c in columns) + " |",
+             "| model | " + " | ".join(column_label(c, results) for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, r in results["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.2f}" for c in columns) + " |")

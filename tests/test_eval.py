@@ -166,3 +166,73 @@ def test_models_kept_at_one_iteration_are_evaluated_once_with_identical_numbers(
     assert {k: v for k, v in finals["early_stopped"].items() if k not in drop} == {
         k: v for k, v in finals["best_test"].items() if k not in drop}
     assert len(evaluated) == len({r["iteration"] for r in finals.values()}) == 2
+
+
+class RobustBenchBlock(nn.Module):
+    """RobustBench's PreActResNet block, written out from its layout: BatchNorm-ReLU, 3x3, BatchNorm-ReLU, 3x3,
+    plus the input, or its 1x1 projection (a one-module Sequential) where the shape changes."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        skip = self.shortcut(x) if hasattr(self, "shortcut") else x
+        return self.conv2(torch.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class RobustBenchPreActResNet18(nn.Module):
+    def __init__(self, n_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        widths, c_in = (64, 128, 256, 512), 64
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", nn.Sequential(RobustBenchBlock(c_in, width, stride),
+                                                         RobustBenchBlock(width, width, 1)))
+            c_in = width
+        self.linear = nn.Linear(512, n_classes)
+
+    def forward(self, x):
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(torch.nn.functional.avg_pool2d(out, 4).flatten(1))
+
+
+def test_export_loads_into_robustbenchs_layout_unchanged_and_writes_its_model_info(tmp_path, capsys):
+    from conftest import make_image_folder
+    classes = tuple(f"c{i}" for i in range(10))  # AutoAttack's targeted attack wants 10 classes
+    data_dir = make_image_folder(str(tmp_path / "data"), size=32, n_train_per_class=2, n_test_per_class=1,
+                                 classes=classes)
+    argv = shlex.split(f"{TINY_RUN} --model=resnet18 --batch_size=6 --n_eval_every_k_iter=6 --epochs=1 "
+                       f"--data_dir={data_dir} --out_dir={tmp_path} --run_name=run --final_attack_iters=1 "
+                       "--final_n_restarts=1")
+    assert train.main(argv) == 0
+    assert evaluation.main([str(tmp_path / "run"), "--models", "last", "--pgd", "0", "0", "--export",
+                            str(tmp_path / "rb"), "--device", "cpu"]) == 0
+    state = torch.load(tmp_path / "rb" / "run-last.pt", weights_only=True)
+    theirs = RobustBenchPreActResNet18(n_classes=10).eval()
+    theirs.load_state_dict(state)  # strict: the same names and shapes, nothing left over
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    import config
+    import data as data_module
+    ours = config.model_from_args(config.load_args(tmp_path / "run"), data_module.load_data("cifar10", data_dir))
+    ours.load_state_dict(ckpt["model"])
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(ours.eval()(x), theirs(x), atol=1e-6)
+    info = json.load(open(tmp_path / "rb" / "run-last.json"))
+    assert (info["architecture"], info["eps"], info["n_points"]) == ("PreActResNet-18", "4/255", 10)
+    assert float(info["autoattack_acc"]) <= float(info["clean_acc"]) and "torchattacks" in info["autoattack"]
+
+
+def test_export_of_another_layout_is_refused_with_one_line(tmp_path, tiny_data, capsys):
+    argv = shlex.split(f"{TINY_RUN} --epochs=1 --data_dir={tiny_data} --out_dir={tmp_path} --run_name=cnn")
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    assert evaluation.main([str(tmp_path / "cnn"), "--export", str(tmp_path / "rb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model=cnn" in err[0] and not (tmp_path / "rb").exists()
