@@ -5,7 +5,8 @@
 # added, its wall time split (timing.json) and its table beside the paper's.
 #
 # Usage: bash sh/gpu_check.sh DATA_DIR OUT_DIR
-#   DATA_DIR  CIFAR-10 (an image folder or torchvision's files), or a .tar of one (unpacked to a temporary folder)
+#   DATA_DIR  CIFAR-10 (an image folder or torchvision's files), or a .tar or .tgz of one, unpacked to a temporary
+#             folder (the shared JPEG copy packs to 19 MiB: tar czf .gpu/cifar10.tgz -C ../shared/data cifar10-jpeg)
 #   OUT_DIR   receives tests.txt, bench.txt, the run gradsum-eps8-seed0/ and table.md; a rerun continues the run
 # Environment: TINY=1 shrinks every step to seconds on the CPU (what the tests run, before a GPU is lent);
 # PYTHON (default python).
@@ -17,7 +18,7 @@ OUT_DIR=$(absolute "$2")
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT_DIR"
-if [[ $DATA_DIR == *.tar ]]; then
+if [[ $DATA_DIR == *.tar || $DATA_DIR == *.tar.gz || $DATA_DIR == *.tgz ]]; then
   unpacked=$(mktemp -d)
   tar -xf "$DATA_DIR" -C "$unpacked"
   DATA_DIR=$unpacked/$(ls "$unpacked" | head -n 1)

@@ -236,12 +236,12 @@ def test_slurm_task_checkpoints_and_requeues_before_its_time_limit_then_finishes
 
 
 def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_path):
-    """TINY=1: the script a GPU session runs, on the CPU in seconds, its data packed as it travels (a .tar)."""
+    """TINY=1: the script a GPU session runs, on the CPU in seconds, its data packed as it travels (a .tgz)."""
     import tarfile
-    with tarfile.open(tmp_path / "data.tar", "w") as tar:
+    with tarfile.open(tmp_path / "data.tgz", "w:gz") as tar:
         tar.add(tiny_data, arcname="cifar10")
     out = tmp_path / "gpu"
-    done = run_script("gpu_check.sh", str(tmp_path / "data.tar"), str(out), cwd=tmp_path,
+    done = run_script("gpu_check.sh", str(tmp_path / "data.tgz"), str(out), cwd=tmp_path,
                       env={"TINY": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "skipped" in (out / "tests.txt").read_text()  # the GPU-only tests, skipped without a GPU
