@@ -100,7 +100,7 @@ def plot_curves(run_dirs, path, title):
     bottom.set_xlabel("iteration")
     eps_axis = bottom.twinx()
     eps_axis.step(iters, mean("train_eps"), where="pre", color="tab:green")
-    eps_axis.set_ylabel("train eps (px)", color="tab:green")
+    eps_axis.set_ylabel("train eps (pixels/255)", color="tab:green")
     utils.save_figure(fig, path)
     return True
 
@@ -228,6 +228,13 @@ def group_name(run, apart):
     return base if apart == "-" else f"{base}-{hashlib.sha1(apart.encode()).hexdigest()[:6]}"
 
 
+def group_title(run, apart):
+    """A plot's title: 'cifar10, cnn, fgsm-vfsat, eps 10/255', and what tells the group apart."""
+    f = run.flags
+    return f"{f['dataset']}, {f['model']}, {method_label(f)}, eps {f['eps']:g}/255" + (
+        f" ({apart})" if apart != "-" else "")
+
+
 def method_label(flags):
     return config.method_name(argparse.Namespace(**flags))
 
@@ -285,6 +292,19 @@ def paper_cells(run, commands, paper, our_clean, our_pgd):
             difference(our_clean, clean), difference(our_pgd, pgd)]
 
 
+def paper_table():
+    """The original's CIFAR-10 results, one row per table row: its runs, clean and PGD-50-10 (mean ± population
+    std, as its file), and the sh/cifar10_table.tsv row that reproduces it."""
+    names = {(float(r[0]) if r[0] != "*" else None, r[3]): r[1] for r in
+             (line.rstrip("\n").split("\t") for line in open(TABLE_ROWS) if not line.startswith("#"))}
+    lines = ["| eps | paper row | runs | clean | PGD-50-10 | our row (`ROWS=`) |", "|---|---|---|---|---|---|"]
+    for (eps, row), runs in paper_rows().items():
+        clean, pgd = zip(*runs, strict=True)
+        ours = names.get((eps, row)) or names.get((None, row), "-")
+        lines.append(f"| {eps:g} | {row} | {len(runs)} | {paper_summary(clean)} | {paper_summary(pgd)} | {ours} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
     """The Markdown tables: one per final PGD protocol (results under different protocols never share a column),
     one row per group."""
@@ -328,7 +348,9 @@ def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
-    p.add_argument("paths", nargs="+", help="run directories written by train.py, or folders holding them")
+    p.add_argument("paths", nargs="*", help="run directories written by train.py, or folders holding them")
+    p.add_argument("--paper", action="store_true", help="print the original's CIFAR-10 results (paper/cifar10_results"
+                   ".tsv) as a table, each row with the sh/cifar10_table.tsv row that reproduces it")
     p.add_argument("--out", help="also write the table to this Markdown file")
     p.add_argument("--plots", metavar="DIR", help="write RUN/curves.png for each run and DIR/<group>.png; where "
                    "eval.py measured an FGSM sweep, RUN/fgsm_sweep.png and DIR/fgsm_sweep.png (last models)")
@@ -344,6 +366,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.paper:
+        print(paper_table(), end="")
+        return 0
+    if not args.paths:
+        print("report.py: error: give run directories (or folders holding them), or --paper", file=sys.stderr)
+        return 2
     args.run_dirs = [d for path in args.paths for d in find_runs(path)]
     empty = [path for path in args.paths if not find_runs(path)]
     if empty:
@@ -378,9 +406,10 @@ def write_plots(run_dirs, folder, allow_duplicate_seeds=False):
     groups = group_runs(run_dirs, allow_duplicate_seeds)
     apart = telling_apart(groups)
     for key, runs in groups.items():
-        dirs, name = [run.dir for run in runs], group_name(runs[0], apart[key])
-        for d in dirs:
-            plot_curves([d], os.path.join(d, "curves.png"), config.run_name(d))
+        dirs, name, title = [run.dir for run in runs], group_name(runs[0], apart[key]), group_title(runs[0], apart[key])
+        for run in runs:
+            d = run.dir
+            plot_curves([d], os.path.join(d, "curves.png"), f"{title}, seed {run.seed} ({config.run_name(d)})")
             found = fgsm_sweep(d)
             if found:
                 sweeps, eps = found
@@ -389,7 +418,7 @@ def write_plots(run_dirs, folder, allow_duplicate_seeds=False):
                 if "last" in sweeps:
                     last_sweeps.setdefault(name, []).append(sweeps["last"])
         path = os.path.join(folder, name + ".png")
-        if plot_curves(dirs, path, name):
+        if plot_curves(dirs, path, title):
             print(f"plot: {path}")
     if last_sweeps:
         path = os.path.join(folder, "fgsm_sweep.png")

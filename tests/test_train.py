@@ -77,8 +77,8 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
 
 
 def readme_metrics_keys(kind, fp16):
-    """The keys the README's table of metrics.jsonl documents for rows of this kind."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """The keys the table of metrics.jsonl (docs/outputs.md) documents for rows of this kind."""
+    text = open(os.path.join(ROOT, "docs", "outputs.md")).read()
     table = text.split("The keys of a `metrics.jsonl` row")[1].split("\n\n")[1]
     keys = set()
     for line in table.splitlines()[2:]:
