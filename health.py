@@ -36,10 +36,13 @@ def period_warnings(row, previous, args):
     for r in REGULARISERS:
         if r.weight(args) > 0 and row[f"train_{r.stat}"] == 0:
             out.append(f"{r.name}'s term read exactly 0 for the whole period")
-    expected = expected_delta(args, row["train_eps"])
+    # a period that began in the previous epoch took some steps at that epoch's (VFSAT: smaller) eps
+    period_eps = min(row["train_eps"], previous["train_eps"]) if previous is not None else row["train_eps"]
+    expected = expected_delta(args, period_eps)
     if expected is not None and row["train_delta_abs"] < DELTA_FRACTION * expected:
         out.append(f"the training perturbation's mean |delta| is {255 * row['train_delta_abs']:.3g}/255, below half "
-                   f"of the FGSM step ({255 * expected:.3g}/255): input gradients are zero")
+                   f"of the FGSM step ({255 * expected:.3g}/255): the step is zero at most pixels (their input "
+                   "gradient is exactly 0) or clipped by the images' [0, 1] bounds")
     if previous is not None and row["train_loss"] == previous["train_loss"]:
         out.append(f"the training loss has not changed since iteration {previous['iteration']}")
     return out

@@ -42,6 +42,11 @@ def test_each_warning_names_its_cause():
     assert "GradSum" in health.period_warnings(row(train_gis=0.0), None, args("--grad_input_sum_coeff=1"))[0]
     assert "|delta|" in health.period_warnings(row(train_delta_abs=3 / 255), None, args())[0]
     assert health.period_warnings(row(train_delta_abs=3 / 255), None, args("--attack=pgd")) == []  # unpredictable
+    # VFSAT: a period from an eps-2 epoch into an eps-4 one moved the pixels by 2/255 or so; it is healthy
+    vfsat = args("--discrete_eps")
+    crossing = row(train_eps=4, train_delta_abs=1.9 / 255)
+    assert health.period_warnings(crossing, row(train_eps=2, train_loss=2.1), vfsat) == []
+    assert "|delta|" in health.period_warnings(crossing, row(train_eps=4, train_loss=2.1), vfsat)[0]  # all at 4
     previous = row(iteration=10)
     assert "has not changed since iteration 10" in health.period_warnings(row(), previous, args())[0]
 
