@@ -82,7 +82,7 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of epoch self.epoch + 1 already trained (a run stopped within an epoch)
         self.previous = None  # the batch that Free-AT's replay repeats
         self.stop = utils.StopSignals()  # main() activates it; a Trainer made elsewhere is never asked to stop
-        self.lines = utils.ProgressLines(args.progress_every_s)
+        self.lines = utils.ProgressLines(args.progress_every_s)  # made again where a resumed run starts
         initial = cpu_copy(self.model)  # the original's early stopping starts from the initial weights, at 0
         self.kept = {name: {"state": initial, "iteration": 0, "acc": 0.0} for name in ("early_stopped", "best_test")}
         self.carried_delta = None
@@ -398,6 +398,7 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
     if args.sync_bn and trainer.net is not None and args.device.type != "cuda":
         log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
     start = time.time()
+    trainer.lines = utils.ProgressLines(args.progress_every_s, trainer.iteration)  # the pace of this process's steps
     if trainer.iteration == 0:
         trainer.epoch_zero()
     while trainer.epoch < args.epochs:

@@ -91,16 +91,14 @@ def duration(seconds):
 class ProgressLines:
     """Off a terminal (nohup, Slurm), where no bar is drawn: due(done, total) says when to log a progress line, every
     `every_s` seconds, or at every tenth of `total` when every_s is 0; never on a terminal or on other processes.
-    eta(done, total) extrapolates from the pace since the first call."""
+    rate(done) and eta(done, total) extrapolate from the pace since it was made, when `done` steps were done."""
 
-    def __init__(self, every_s):
+    def __init__(self, every_s, done=0):
         self.every_s, self.enabled = every_s, not on_terminal() and rank() == 0
         self.start = self.last = time.time()
-        self.done_at_start = None
+        self.done_at_start = done
 
     def due(self, done, total):
-        if self.done_at_start is None:
-            self.done_at_start = done - 1
         if not self.enabled:
             return False
         now = time.time()
@@ -113,7 +111,7 @@ class ProgressLines:
         return True
 
     def rate(self, done):
-        """Steps per second since the first call."""
+        """Steps per second since it was made."""
         return (done - self.done_at_start) / max(time.time() - self.start, 1e-9)
 
     def eta(self, done, total):
