@@ -32,15 +32,21 @@ def clamp01(z):
     return torch.maximum(torch.minimum(z, one), one * 0)
 
 
+def clip_image(x, delta):
+    """delta such that x + delta is clipped to [0, 1]: the original's clamp(x + delta, 0, 1) - x, which also rounds
+    delta anew (the image stays the same)."""
+    return clamp01(x + delta) - x
+
+
 def project(x, delta, eps):
     """delta clipped to the L-inf eps-ball, then x + delta to [0, 1] (the original's FGSM training step)."""
-    return clamp01(x + delta.clamp(-eps, eps)) - x
+    return clip_image(x, delta.clamp(-eps, eps))
 
 
 def project_pgd(x, delta, eps):
     """x + delta clipped to [0, 1], then delta to the eps-ball (the original's PGD: the same set as project's,
     other roundings)."""
-    return (clamp01(x + delta) - x).clamp(-eps, eps)
+    return clip_image(x, delta).clamp(-eps, eps)
 
 
 def to_grid(delta):
@@ -96,7 +102,7 @@ def pgd_train(model, x, y, eps, step, n_iters, delta_init, loss_scale=1.0):
 
 def corner(x, delta, eps):
     """The eps-ball's corner in the direction of delta, clipped to [0, 1] (the original's pgd_corner)."""
-    return clamp01(x + eps * torch.sign(delta)) - x
+    return clip_image(x, eps * torch.sign(delta))
 
 
 def grad_sum_penalty(model, x, y, eps, loss_scale=1.0):
@@ -219,7 +225,7 @@ def pgd_eval(model, x, y, eps, step, n_iters, n_restarts, skip_lost=True, restar
         kept_delta[active[better]] = delta[better]
         kept_correct[active[better]] = correct[better]
         max_loss[active] = torch.maximum(max_loss[active], loss)
-    return kept_correct, ~broken, reclamped(x, kept_delta)
+    return kept_correct, ~broken, clip_image(x, kept_delta)  # attack_pgd's last line: the cosines read it
 
 
 def batched_restarts(model, x, y, broken, eps, step, n_iters, n_restarts, restart=pgd_restart, loss_scale=1.0):
@@ -238,13 +244,7 @@ def batched_restarts(model, x, y, broken, eps, step, n_iters, n_restarts, restar
     kept = best >= 0
     kept_delta = torch.where(kept.view(-1, *(1,) * (x.dim() - 1)), delta[pick], 0)
     broken = broken | hit.view(n_restarts, n).any(0)
-    return correct[pick] & kept, ~broken, reclamped(x, kept_delta)
-
-
-def reclamped(x, delta):
-    """The original's last line of attack_pgd: clamp(x + delta, 0, 1) - x. x + delta is the same image (the
-    accuracies stand), but delta itself is rounded anew, and the cosines between perturbations read it."""
-    return clamp01(x + delta) - x
+    return correct[pick] & kept, ~broken, clip_image(x, kept_delta)  # attack_pgd's last line: the cosines read it
 
 
 def fgsm_eval(model, x, y, step, radius, loss_scale=1.0):
@@ -253,4 +253,4 @@ def fgsm_eval(model, x, y, step, radius, loss_scale=1.0):
     original's attack_pgd with one iteration and no random start, its PGD order and last clamp included."""
     grad = input_grad(model, x, torch.zeros_like(x), y, clip=False, loss_scale=loss_scale, reduction="sum")[0]
     delta = pgd_step(x, torch.zeros_like(x), grad, radius, step)
-    return _final_point(model, x, delta, y)[1], reclamped(x, delta)
+    return _final_point(model, x, delta, y)[1], clip_image(x, delta)

@@ -273,19 +273,19 @@ def print_eval(model, x_u8, y, eps, opts):
 
 def print_periodic_eval(model, x_u8, y, eps, times, opts, base, device):
     """Seconds and accuracies of a periodic evaluation with the README flags in train.py's precision (--half_prec: the
-    training's autocast), eager and (--cuda_graph) graphed, and its share of the wall time of training with each
-    method timed."""
+    training's autocast): eager, with --batched_restarts and (--cuda_graph) graphed; and its share of the wall time
+    of training with each method timed."""
     n = README_EVAL["n_eval_every_k_iter"]
-    eval_args = method_args(f"--batch_size_eval={opts.batch_size_eval} --attack_iters={README_EVAL['attack_iters']} "
-                            f"--n_restarts={README_EVAL['n_restarts']}", base, device)
+    flags = (f"--batch_size_eval={opts.batch_size_eval} --attack_iters={README_EVAL['attack_iters']} "
+             f"--n_restarts={README_EVAL['n_restarts']}")
+    eval_args = method_args(flags, base, device)
     eval_sets = {"test": (x_u8[:n], y[:n]), "train": (x_u8[-n:], y[-n:])}
     n = len(eval_sets["test"][1])  # fewer when x_u8 is
     print(f"\none periodic evaluation (clean, FGSM, PGD-50-10 and gradient cosines on {n} test points, PGD-50-10 "
           f"on {n} training points) {f'under {opts.amp_dtype} autocast' if opts.half_prec else 'in fp32'}, seconds, "
           "the first (cuDNN tunes new shapes, graphs are captured) and the second:")
-    batched = method_args(f"--batch_size_eval={opts.batch_size_eval} --attack_iters={README_EVAL['attack_iters']} "
-                          f"--n_restarts={README_EVAL['n_restarts']} --batched_restarts", base, device)
-    variants = {"eager": (attacks.pgd_restart, eval_args), "--batched_restarts": (attacks.pgd_restart, batched)}
+    variants = {"eager": (attacks.pgd_restart, eval_args),
+                "--batched_restarts": (attacks.pgd_restart, method_args(f"{flags} --batched_restarts", base, device))}
     if opts.cuda_graph:
         variants["--cuda_graph"] = (evaluation.GraphedRestarts(model), eval_args)
     # under fp16, the evaluation's gradients at the scaler's initial loss scale

@@ -297,11 +297,10 @@ def saved_extras(run_dir):
         return {}
 
 
-def check_fingerprint(run_dir, dataset, data_dir, flag="--data_dir"):
-    """UsageError unless the data loaded from data_dir is the data the run was trained on (runs saved before
-    fingerprints were recorded pass)."""
+def check_fingerprint(run_dir, here, data_dir, flag="--data_dir"):
+    """UsageError unless `here`, data.fingerprint of the data loaded from data_dir, is the fingerprint of the data
+    the run was trained on (runs saved before fingerprints were recorded pass)."""
     saved = saved_extras(run_dir).get("_data", {}).get("fingerprint")
-    here = data.fingerprint(dataset)
     if saved and saved != here:
         raise UsageError(f"{flag}={data_dir!r}: that data ({here}) is not the run's ({saved}); give the folder "
                          "the run was trained on")
@@ -363,7 +362,7 @@ def open_saved_run(opts):
     device = device_from_flag(opts.device)
     data_dir = opts.data_dir or run.data_dir
     dataset = data.load_data(run.dataset, data_dir, download=False)
-    check_fingerprint(opts.run, dataset, data_dir)
+    check_fingerprint(opts.run, data.fingerprint(dataset), data_dir)
     return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, iterations, device)
 
 

@@ -258,17 +258,23 @@ def paper_rows():
     return rows
 
 
+def table_rows():
+    """sh/cifar10_table.tsv's rows, [eps ('*': every eps), name, train.py flags, the paper's row name]."""
+    with open(TABLE_ROWS) as f:
+        return [line.rstrip("\n").split("\t") for line in f if not line.startswith("#")]
+
+
 def table_commands():
     """{(eps, paper row name): the computational flags of sh/cifar10_table.tsv's run at that eps}: the mapping
     from the paper's rows to flags is the table the scripts run."""
-    rows = [line.rstrip("\n").split("\t") for line in open(TABLE_ROWS) if not line.startswith("#")]
+    rows, parser = table_rows(), config.build_parser()
     common = next(r[2] for r in rows if r[1] == "common")
     out = {}
     for eps in sorted({float(r[0]) for r in rows if r[0] != "*"}):
         for where, _name, flags, paper in rows:
             if paper != "-" and where in ("*", f"{eps:g}"):
-                args = config.build_parser().parse_args(shlex.split(f"{common} --eps={eps:g} {flags}"))
-                out[(eps, paper)] = computational_flags(args)
+                out[(eps, paper)] = computational_flags(parser.parse_args(shlex.split(f"{common} --eps={eps:g} "
+                                                                                      f"{flags}")))
     return out
 
 
@@ -295,8 +301,7 @@ def paper_cells(run, commands, paper, our_clean, our_pgd):
 def paper_table():
     """The original's CIFAR-10 results, one row per table row: its runs, clean and PGD-50-10 (mean ± population
     std, as its file), and the sh/cifar10_table.tsv row that reproduces it."""
-    names = {(float(r[0]) if r[0] != "*" else None, r[3]): r[1] for r in
-             (line.rstrip("\n").split("\t") for line in open(TABLE_ROWS) if not line.startswith("#"))}
+    names = {(float(r[0]) if r[0] != "*" else None, r[3]): r[1] for r in table_rows()}
     lines = ["| eps | paper row | runs | clean | PGD-50-10 | our row (`ROWS=`) |", "|---|---|---|---|---|---|"]
     for (eps, row), runs in paper_rows().items():
         clean, pgd = zip(*runs, strict=True)

@@ -404,7 +404,7 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
     while trainer.epoch < args.epochs:
         trainer.train_epoch()
         trainer.save_checkpoint()
-        if trainer.stop_asked() if trainer.epoch < args.epochs else trainer.stop.requested(collective=True):
+        if trainer.stop.requested(collective=True):  # once an epoch: the processes agree on it
             raise utils.StopRequested(trainer.where())
     train_s = time.time() - start
     n_procs = trainer.check_replicas()
@@ -489,9 +489,10 @@ def prepare(argv):
     if n_train < args.batch_size:
         raise UsageError(f"--batch_size={args.batch_size}: {given} holds {n_train} training images, not one batch; "
                          "lower --batch_size")
+    fingerprint = data.fingerprint(dataset)
     if checkpoint is not None:
-        config.check_fingerprint(args.resume, dataset, given)
-    return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": data.fingerprint(dataset)}
+        config.check_fingerprint(args.resume, fingerprint, given)
+    return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": fingerprint}
 
 
 def make_run_dir(args):
@@ -529,12 +530,15 @@ def resume_hint(run_dir):
             f"{run_dir}")
 
 
+def say(line):
+    """One line on stderr, from the first process only."""
+    if utils.dist_env()[0] == 0:
+        print(f"train.py: {line}", file=sys.stderr)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
-    first_process = utils.dist_env()[0] == 0
-    say = lambda line: first_process and print(f"train.py: {line}", file=sys.stderr)  # noqa: E731
-    run_dir = None
     try:
         try:
             args, dataset, checkpoint, data_info = prepare(argv)
@@ -547,8 +551,8 @@ def main(argv=None):
         utils.init_distributed(args.device)
         with utils.StopSignals() as stop:
             return train_in(args, dataset, checkpoint, data_info, argv, stop)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        say("interrupted" + (f"; {resume_hint(run_dir)}" if run_dir else ""))
+    except KeyboardInterrupt:  # Ctrl-C before the run directory existed (train_in answers the later ones)
+        say("interrupted")
         return 130
     finally:
         if utils.is_distributed():
@@ -560,8 +564,7 @@ def train_in(args, dataset, checkpoint, data_info, argv, stop):
     first_process = utils.rank() == 0
     run_dir, error = shared_run_dir(args)
     if error:
-        if first_process:
-            print(f"train.py: error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return 2
     log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
     if checkpoint is None and first_process:

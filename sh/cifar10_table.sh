@@ -27,13 +27,13 @@ check_eps "$EPS"
 [[ $GPU_IDS =~ ^(cpu|[0-9]+)(,(cpu|[0-9]+))*$ ]] || usage_error "GPU_IDS=$GPU_IDS: GPU numbers or cpu, comma-separated"
 
 IFS=, read -r -a GPUS <<< "$GPU_IDS"
-COMMON=(train.py --data_dir="$DATA_DIR" --out_dir="$OUT_DIR" $(common_flags) --eps="$EPS")
 declare -a QUEUES=()  # one list of "run_name<TAB>seed<TAB>flags<TAB>device" per GPU
 i=0
 while IFS=$'\t' read -r name seed flags; do
   gpu=${GPUS[$((i % ${#GPUS[@]}))]}
   device=$([ "$gpu" = cpu ] && echo cpu || echo "cuda:$gpu")
-  echo "[gpu $gpu] $PYTHON ${COMMON[*]} $flags --seed=$seed --device=$device --run_name=$name --resume_existing"
+  table_run "$OUT_DIR" "$DATA_DIR" "$EPS" "$name" "$seed" "$flags"
+  echo "[gpu $gpu] $PYTHON ${RUN_ARGS[*]} --device=$device"
   QUEUES[$((i % ${#GPUS[@]}))]+="$name"$'\t'"$seed"$'\t'"$flags"$'\t'"$device"$'\n'
   i=$((i + 1))
 done < <(table_plan "$EPS")
@@ -44,9 +44,8 @@ run_queue() {  # the runs of one queue, one after another
   local name seed flags device
   while IFS=$'\t' read -r name seed flags device; do
     [ -n "$name" ] && [ ! -e "$STOPPING" ] || continue
-    # shellcheck disable=SC2086  # flags: words of the table
-    run_isolated "$OUT_DIR" "$name" "$PYTHON" "${COMMON[@]}" $flags --seed="$seed" --device="$device" \
-      --run_name="$name" --resume_existing
+    table_run "$OUT_DIR" "$DATA_DIR" "$EPS" "$name" "$seed" "$flags"
+    run_isolated "$OUT_DIR" "$name" "$PYTHON" "${RUN_ARGS[@]}" --device="$device"
   done <<< "$1"
 }
 
@@ -60,10 +59,8 @@ for q in "${!QUEUES[@]}"; do
 done
 stop() {  # SIGINT or SIGTERM: each running train.py checkpoints at its next iteration and stops; no run starts
   touch "$STOPPING"
-  for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do stop_children "$pid"; done
 }
 trap stop INT TERM
-for pid in "${pids[@]}"; do
-  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done  # a trapped signal interrupts wait: wait again
-done
+for pid in "${pids[@]}"; do wait_for "$pid"; done
 summarise "$EPS" "$OUT_DIR"

@@ -57,6 +57,21 @@ check_eps() {  # check_eps EPS: a usage error unless the table has rows at EPS (
   [ -n "$(table_plan "$1")" ] || usage_error "ROWS='${ROWS:-}' SEEDS='${SEEDS:-}': no run of the table at eps $1"
 }
 
+table_run() {  # table_run OUT_DIR DATA_DIR EPS RUN_NAME SEED FLAGS: RUN_ARGS, the train.py arguments of one run of
+  # the table, the same for every launcher, so that a rerun or a requeued task continues the run (--resume_existing)
+  # shellcheck disable=SC2046,SC2206  # the table's flags are words
+  RUN_ARGS=(train.py --data_dir="$2" --out_dir="$1" $(common_flags) --eps="$3" $6 --seed="$5" --run_name="$4"
+            --resume_existing)
+}
+
+stop_children() {  # stop_children PID: SIGTERM to PID's children (each train.py checkpoints at its next iteration)
+  pkill -TERM -P "$1" 2>/dev/null || true
+}
+
+wait_for() {  # wait_for PID: until it has ended (a trapped signal interrupts wait: wait again)
+  while kill -0 "$1" 2>/dev/null; do wait "$1" || true; done
+}
+
 finished() {  # finished RUN_DIR: whether the run wrote its final evaluation
   [ -f "$1/timing.json" ]
 }

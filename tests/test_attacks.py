@@ -425,5 +425,5 @@ def test_batched_restarts_keep_the_later_restart_on_a_tie():
     _, _, delta = attacks.pgd_eval(model, x, y, 8 / 255, 2 / 255, 2, 3, batched=True)
     torch.manual_seed(5)
     starts = [attacks.uniform_delta(x, 8 / 255) for _ in range(3)]
-    last = attacks.reclamped(x, attacks.project_pgd(x, starts[-1], 8 / 255))  # no step: a zero gradient
-    assert torch.equal(delta, last) and not torch.equal(delta, attacks.reclamped(x, starts[0]))
+    last = attacks.clip_image(x, attacks.project_pgd(x, starts[-1], 8 / 255))  # no step: a zero gradient
+    assert torch.equal(delta, last) and not torch.equal(delta, attacks.clip_image(x, starts[0]))

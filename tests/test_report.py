@@ -179,7 +179,7 @@ def table_run_args(eps, row):
     """The computational flags of sh/cifar10_table.tsv's run of this row, as its args.json holds them."""
     import config
 
-    rows = [line.rstrip("\n").split("\t") for line in open(report.TABLE_ROWS) if not line.startswith("#")]
+    rows = report.table_rows()
     common = next(r[2] for r in rows if r[1] == "common")
     flags = next(r[2] for r in rows if r[1] == row and r[0] in ("*", str(eps)))
     return vars(config.build_parser().parse_args(f"{common} --eps={eps} {flags}".split()))
