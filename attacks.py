@@ -105,6 +105,55 @@ def corner(x, delta, eps):
     return clip_image(x, eps * torch.sign(delta))
 
 
+def image_box(x, delta):
+    """delta clipped so that x + delta lies in [0, 1], as N-FGSM's code clips (torch.max(torch.min(delta, 1 - x),
+    -x): the same set as clip_image's, other roundings)."""
+    return torch.maximum(torch.minimum(delta, 1 - x), -x)
+
+
+def n_fgsm(model, x, y, step, noise, clip=0.0, loss_scale=1.0):
+    """N-FGSM (de Jorge et al. 2022; pdejorge/N-FGSM at 0a9e4f0): eta uniform in the noise-ball, clipped so that
+    x + eta is an image, then one signed step of the gradient at x + eta, clipped to the image again and, only
+    where clip > 0, to the clip-ball (its --clip; none by default, so |delta| reaches noise + step). Returns
+    (delta, the gradient at x + eta)."""
+    eta = image_box(x, torch.empty_like(x).uniform_(-noise, noise))
+    grad = input_grad(model, x, eta, y, clip=False, loss_scale=loss_scale)[0]
+    delta = image_box(x, eta + step * sign(grad))
+    return (delta.clamp(-clip, clip) if clip > 0 else delta), grad
+
+
+def linearity_error(losses, x, eps):
+    """ELLE's local linearity error (Rocamora et al. 2024; LIONS-EPFL/ELLE at 0f16c0e): at two points a, b drawn
+    uniformly in the eps-ball (not clipped to [0, 1]) and c = (1 - t) a + t b, t uniform in [0, 1] per example,
+    the mean over the batch of (loss(c) - (1 - t) loss(a) - t loss(b))^2; zero for a loss linear in the input.
+    losses maps a batch of 3 len(x) points to their per-example losses: one call, as its code's one forward
+    pass (BatchNorm in training mode sees all three)."""
+    n = len(x)
+    ab = x.repeat(2, *(1,) * (x.dim() - 1))
+    ab = ab + eps * (2 * torch.rand(ab.shape, device=x.device) - 1)
+    t = torch.rand(n, *(1,) * (x.dim() - 1), device=x.device)
+    c = (1 - t) * ab[:n] + t * ab[n:]
+    t = t.flatten()
+    loss = losses(torch.cat((ab, c)))
+    return F.mse_loss(loss[2 * n:], (1 - t) * loss[:n] + t * loss[n:2 * n])
+
+
+def grad_sum_fd_penalty(model, x, y, eps, step, loss_scale=1.0):
+    """GradSum's norm ||g|| at x + eta (eta as grad_sum_penalty's) without double backprop (Finlay and Oberman
+    2019's finite-difference gradient regularisation): g's direction d = g / ||g|| is a constant, and the term is
+    |L(eta + h d) - L(eta)| / h with h = step * sqrt(g.numel()), a move of `step` per pixel in RMS. Its value and
+    parameter gradient tend to GradSum's as step -> 0; it is differentiable by ordinary backprop. The absolute
+    value keeps it a norm: the signed difference turns negative where the loss bends down along d within h, and
+    training then drives it below zero without bound (docs/peers.md)."""
+    eta = uniform_delta(x, eps, on_grid=True).requires_grad_(True)
+    loss = F.cross_entropy(model(x + eta), y)
+    (grad,) = torch.autograd.grad(loss * loss_scale, eta, retain_graph=True)
+    grad = grad.detach() / loss_scale
+    h = step * math.sqrt(grad.numel())
+    direction = grad / l2_norm(grad).clamp_min(torch.finfo(grad.dtype).tiny)  # a zero gradient: no move, term 0
+    return (F.cross_entropy(model(x + eta.detach() + h * direction), y) - loss).abs() / h
+
+
 def grad_sum_penalty(model, x, y, eps, loss_scale=1.0):
     """GradSum: L2 norm of the whole batch's input gradient at x + eta, eta uniform in the eps-ball on the
     1/255 grid and unclipped; differentiable in the parameters (double backprop)."""

@@ -6,7 +6,8 @@ with autograd's double backwards, and under --half_prec with BatchNorm in fp32);
 at least one kernel launch on a GPU) in one iteration of each; (3) the throughput of the final PGD-50-10
 evaluation (the original protocol), images/s, with and without skipping the examples whose kept loss already
 exceeds ln(K), with both accuracies; (4) the share of wall time that periodic evaluation takes with the README
-flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (5) the data pipeline.
+flags (PGD-50-10 on 256 test and 256 training points every 200 iterations); (5) the data pipeline; (6) GradSum-FD's
+error against exact GradSum on the batch, value and parameter gradient, as its step shrinks.
 
     python bench.py                                   # CPU: PreActResNet-18, batch 32, random weights
     python bench.py --run runs/X                      # a trained run's model on its test images
@@ -49,13 +50,18 @@ METHODS = {  # name: train.py flags (presets from methods.PRESETS, see the READM
     "FGSM-RS+GradAlign": "--preset=gradalign --attack_init=random",
     "PGD-2": "--preset=pgd --pgd_train_n_iters=2 --pgd_alpha_train=4",
     "PGD-10": "--preset=pgd",
+    "N-FGSM": "--preset=n_fgsm",
+    "FGSM+ELLE": "--preset=elle",
+    "FGSM+ELLE-A": "--preset=elle_a",
+    "FGSM+GradSum-FD": "--preset=gradsum_fd",
 }
 HALF_PREC_METHODS = {  # added under --half_prec
     "FGSM+GradSum, fp32 BN": "--preset=gradsum --bn_float32",
     "FGSM+GradAlign, fp32 BN": "--preset=gradalign --bn_float32",
 }
 ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")  # no kernel runs
-SECTIONS = ("methods", "ops", "eval", "data")
+SECTIONS = ("methods", "ops", "eval", "data", "fd")
+FD_STEPS_PX = (4, 2, 1, 0.5, 0.25, 0.1, 0.01)  # GradSum-FD's moves compared with exact GradSum, pixels/255 RMS
 WARMUP_ITERS = 2  # the first creates the optimiser's state; under --cuda_graph the second captures the graph
 README_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "attack_iters": 50, "n_restarts": 10}
 
@@ -191,6 +197,25 @@ def bench_data_pipeline(device, batch_size, n_iters):
         step = batch_size / time_iterations(model, setup, xb, yb, 8 / 255, n_iters)
         rows.append((name, model_name, size, pipeline, step))
     return rows
+
+
+def fd_errors(model, x, y, eps, base, device):
+    """{step px: (relative error of the value, of the parameter gradient, their cosine)} of GradSum-FD against
+    exact GradSum at the same random point, the model in training mode as in training."""
+    config.configure_double_backward(model, method_args("--preset=gradsum", base, device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
+    torch.manual_seed(0)
+    exact = attacks.grad_sum_penalty(model, x, y, eps)
+    g_exact = flat(torch.autograd.grad(exact, params))
+    out = {}
+    for px in FD_STEPS_PX:
+        torch.manual_seed(0)  # the same random grid point
+        fd = attacks.grad_sum_fd_penalty(model, x, y, eps, px / 255)
+        g_fd = flat(torch.autograd.grad(fd, params))
+        out[px] = (abs(float(fd.detach() / exact.detach()) - 1), float((g_fd - g_exact).norm() / g_exact.norm()),
+                   float(torch.nn.functional.cosine_similarity(g_fd, g_exact, 0)))
+    return out
 
 
 def load_inputs(opts, device):
@@ -353,6 +378,14 @@ def main(argv=None):
     if "ops" in sections:
         print_operators(count_operators(*batch, base, device, presets), device)
     model.load_state_dict(state)  # the evaluation sees the given weights, not the training steps' updates
+    if "fd" in sections:
+        print(f"\nGradSum-FD against exact GradSum (fp32, one batch of {len(x)}; the default step is "
+              f"{config.build_parser().get_default('grad_input_sum_fd_step')}/255):")
+        print("| step (pixels/255 RMS) | value: relative error | parameter gradient: relative error | cosine |\n"
+              "|---|---|---|---|")
+        for px, (value, grad, cos) in fd_errors(*batch, base, device).items():
+            print(f"| {px:g} | {value:.1e} | {grad:.2f} | {cos:.3f} |")
+        model.load_state_dict(state)  # its forward passes moved BatchNorm's running statistics
     if "eval" in sections:
         print_eval(model, x_u8, y, eps, opts)
         print_periodic_eval(model, x_u8, y, eps, times, opts, base, device)

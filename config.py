@@ -23,7 +23,7 @@ from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnor
 CHECKPOINT = "checkpoint.pt"
 SAVED_MODELS = ("last", "early_stopped", "best_test")  # the weights a finished run's checkpoint holds
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
-ATTACKS = ("fgsm", "pgd", "pgd_corner", "none")
+ATTACKS = ("fgsm", "n_fgsm", "pgd", "pgd_corner", "none")
 AMP_DTYPES = ("float16", "bfloat16")
 BN_DOUBLE_BACKWARDS = ("closed_form", "autograd")
 CONV_DOUBLE_BACKWARDS = ("explicit", "autograd")
@@ -95,10 +95,15 @@ def build_parser(description=None):
     g("--eps", type=float, default=8.0, help="L-inf radius, pixels/255 (training and evaluation)")
     g("--eps_below_one_pixel", action="store_true", help="accept an --eps below 1 (refused by default: 0.031 is "
       "usually 8/255 written in [0, 1] units)")
-    g("--attack", default="fgsm", help=f"one of {', '.join(ATTACKS)}")
+    g("--attack", default="fgsm", help=f"one of {', '.join(ATTACKS)} (n_fgsm: N-FGSM, its noise then a step of "
+      "--fgsm_alpha x eps)")
     g("--attack_init", default="random", help="zero, or random (uniform in the eps-ball; on the 1/255 grid "
-      "under VFSAT)")
-    g("--fgsm_alpha", type=float, default=1.25, help="FGSM step as a multiple of eps")
+      "under VFSAT); N-FGSM draws its own noise")
+    g("--fgsm_alpha", type=float, default=1.25, help="FGSM (and N-FGSM) step as a multiple of eps")
+    g("--n_fgsm_noise", type=float, default=2.0, help="N-FGSM: its noise is uniform in this multiple of eps (its "
+      "--unif), clipped to [0, 1] images")
+    g("--n_fgsm_clip", type=float, default=0.0, help="N-FGSM: the perturbation clipped to this multiple of eps "
+      "after its step (its --clip); 0: not clipped, as its default")
     g("--mast", action="store_true", help="MAST: the FGSM step's magnitude drawn per pixel from the eps-ball grid")
     g("--pgd_train_n_iters", type=int, default=10, help="PGD training: iterations (0: train at the start, "
       "as the original)")
@@ -108,8 +113,16 @@ def build_parser(description=None):
     g("--discrete_eps", action="store_true", help="VFSAT: the training eps cycles over a discrete ramp by epoch")
     g = p.add_argument_group("regularisers").add_argument
     for r in methods.REGULARISERS:
-        g(f"--{r.flag}", type=float, default=0.0, help=f"{r.name} coefficient (0: off)")
+        g(f"--{r.flag}", type=float, default=0.0, help=f"{r.name} coefficient (0: off)"
+          + (" (with --elle_adaptive its maximum)" if r.flag == "elle_lambda" else ""))
     g("--print_g_i_s", action="store_true", help="compute and log the GradSum norm even when its coefficient is 0")
+    g("--grad_input_sum_fd_step", type=float, default=0.5, help="GradSum-FD: the finite difference's move, "
+      "pixels/255 per pixel in RMS (its error against GradSum: docs/peers.md)")
+    g("--elle_adaptive", action="store_true", help="ELLE-A: ELLE's lambda starts at 0, jumps to --elle_lambda "
+      "when the linearity error exceeds its running mean + --elle_sensitivity std, else decays")
+    g("--elle_decay", type=float, default=0.99, help="ELLE-A: lambda's factor at each iteration without a jump")
+    g("--elle_sensitivity", type=float, default=2.0, help="ELLE-A: standard deviations above the mean that make "
+      "lambda jump")
     g = p.add_argument_group("corrections of the original (each off by default)").add_argument
     g("--fix_vfsat_list", action="store_true", help="VFSAT ramps to --eps for every eps (the original's list "
       "ignores eps other than 16 and ramps to 8)")
@@ -211,10 +224,16 @@ def check_args(args, n_procs=1):
         need(getattr(args, flag) >= 0, flag, "must be zero (clean accuracy, as in the original) or positive")
     need(args.pgd_train_n_iters >= 0, "pgd_train_n_iters", "must be zero (training at the start: zero, or uniform "
          "noise with --attack_init=random, as in the original) or positive")
-    for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps"):
+    for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps", "grad_input_sum_fd_step", "elle_decay"):
         need(getattr(args, flag) > 0, flag, "must be positive")
-    for flag in ("start_eval_epoch", "weight_decay", *(r.flag for r in methods.REGULARISERS)):
+    for flag in ("start_eval_epoch", "weight_decay", "n_fgsm_noise", "n_fgsm_clip", "elle_sensitivity",
+                 *(r.flag for r in methods.REGULARISERS)):
         need(getattr(args, flag) >= 0, flag, "must be zero or positive")
+    need(not (args.grad_input_sum_coeff and args.grad_input_sum_fd_coeff), "grad_input_sum_fd_coeff",
+         "GradSum-FD estimates the GradSum term: use it or --grad_input_sum_coeff, not both")
+    need(not args.elle_adaptive or args.elle_lambda > 0, "elle_adaptive", "needs --elle_lambda, its maximum lambda")
+    need(not (args.mast and args.attack == "n_fgsm"), "mast", "is an FGSM step's magnitude; N-FGSM's step is "
+         "--fgsm_alpha x eps")
     need(args.eps <= 255, "eps", "is in pixels/255: at most 255")
     need(args.eps >= 1 or args.eps_below_one_pixel, "eps", f"is in pixels/255, so this trains at {args.eps:g}/255; "
          f"{args.eps:g} in [0, 1] units is {255 * args.eps:.3g}/255, --eps={round(255 * args.eps)}; add "
@@ -228,7 +247,7 @@ def check_args(args, n_procs=1):
     need(args.n_final_eval == -1 or args.n_final_eval >= 1, "n_final_eval", "-1 (all) or a positive integer")
     gradsum_flag = "grad_input_sum_coeff" if args.grad_input_sum_coeff else "print_g_i_s"  # either computes it
     need(not (getattr(args, gradsum_flag) and args.grad_align_cos_lambda and args.attack_init == "zero"
-              and not args.fix_gradsum), gradsum_flag,
+              and args.attack != "n_fgsm" and not args.fix_gradsum), gradsum_flag,
          "with --grad_align_cos_lambda and --attack_init=zero the original crashes (its GradSum term is never "
          "computed); add --fix_gradsum to compute both terms")
     need(not (args.compile and uses_double_backprop(args)), "compile",
@@ -245,14 +264,16 @@ def check_args(args, n_procs=1):
 def method_name(args):
     """A short filesystem-safe name of the training method, e.g. fgsm-vfsat or pgd10a1.6-gradsum1."""
     pgd = f"{args.pgd_train_n_iters}a{args.pgd_alpha_train:g}"  # iterations and step (pixels/255)
-    parts = [{"fgsm": "fgsm", "pgd": f"pgd{pgd}", "pgd_corner": f"pgdcorner{pgd}", "none": "std"}[args.attack]]
+    parts = [{"fgsm": "fgsm", "n_fgsm": f"nfgsm{args.n_fgsm_noise:g}", "pgd": f"pgd{pgd}",
+              "pgd_corner": f"pgdcorner{pgd}", "none": "std"}[args.attack]]
     if methods.carries_perturbation(args):
         parts[0] = f"free{args.minibatch_replay}"
     elif args.minibatch_replay > 1:
         parts.append(f"replay{args.minibatch_replay}")
-    if args.attack_init == "random" and args.attack != "none":
+    if args.attack_init == "random" and args.attack not in ("none", "n_fgsm"):
         parts.append("rs")
-    flags = (("mast", "mast"), ("discrete_eps", "vfsat"), *((r.flag, r.tag) for r in methods.REGULARISERS))
+    flags = (("mast", "mast"), ("discrete_eps", "vfsat"), *((r.flag, r.tag) for r in methods.REGULARISERS),
+             ("elle_adaptive", "adaptive"))
     for flag, name in flags:
         value = getattr(args, flag)
         if value:

@@ -1,13 +1,14 @@
 """One training iteration of every method, as the original computes it: the training perturbation (FGSM,
-FGSM-RS, VFSAT, MAST, Free-AT, PGD), the regularisers (REGULARISERS: GradAlign, GradSum), and the optimiser step;
-and PRESETS, the methods as named flag sets.
+FGSM-RS, VFSAT, MAST, Free-AT, PGD; and N-FGSM as its authors' code computes it), the regularisers
+(REGULARISERS: GradAlign, GradSum; ELLE and ELLE-A as their code, GradSum-FD), and the optimiser step; and
+PRESETS, the methods as named flag sets.
 
 Each piece is a function of (model, batch, radii, args); attacks and regularisers come from attacks.py.
 """
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +30,21 @@ def build_optimizer(model, args):
 @dataclass
 class StepRadii:
     """What one iteration's attack uses, in [0, 1] units: the evaluation eps, the FGSM radius (VFSAT's eps of the
-    epoch), the PGD radius and FGSM multiplier (SVHN's warm-up), and the regularisers' radius."""
+    epoch), the PGD radius and FGSM multiplier (SVHN's warm-up), and the regularisers' radius; SVHN's warm-up
+    factor itself (N-FGSM ramps its noise and clip with it); and the coefficients that a schedule sets at every
+    iteration ({flag: 0-d tensor}, ELLE-A's lambda), which the same radii share from one iteration to the next."""
     eps: float
     fgsm_eps: float
     pgd_eps: float
     fgsm_alpha: float
     reg_eps: float
+    warmup: float = 1.0
+    coefficients: dict = field(default_factory=dict, compare=False)
+
+
+def single_step(args):
+    """FGSM or N-FGSM: one signed step from a start whose gradient the regularisers may reuse as a constant."""
+    return args.attack in ("fgsm", "n_fgsm")
 
 
 def carries_perturbation(args):
@@ -58,6 +68,10 @@ def perturb(model, x, y, radii, args, loss_scale, carried=None):
     PGD and no attack, the original's extra gradient at x (differentiable where a regulariser's term goes through
     it)."""
     differentiable = any(r.weight(args) > 0 and r.through_attack_grad(args) for r in REGULARISERS)
+    if args.attack == "n_fgsm":
+        eps = radii.warmup * radii.fgsm_eps
+        return attacks.n_fgsm(model, x, y, radii.fgsm_alpha * radii.fgsm_eps, args.n_fgsm_noise * eps,
+                              args.n_fgsm_clip * eps, loss_scale)
     if args.attack == "fgsm":
         start = fgsm_start(x, radii, args, carried)
         grad = attacks.input_grad(model, x, start.requires_grad_(differentiable), y, create_graph=differentiable,
@@ -81,22 +95,24 @@ def perturb(model, x, y, radii, args, loss_scale, carried=None):
 def grad_align(model, x, y, radii, args, grad, loss_scale):
     """GradAlign's 1 - mean cosine; its first gradient is the attack's (a constant for FGSM, differentiated
     through for PGD/none, as the original)."""
-    first = grad.detach() if args.attack == "fgsm" else grad
+    first = grad.detach() if single_step(args) else grad
     return attacks.grad_align_penalty(model, x, y, radii.reg_eps, first, loss_scale,
                                       empty_is_zero=args.fix_gradalign_empty)
 
 
 def grad_sum_reuses_attack_grad(args):
     """The original's GradSum with a random start is the norm of the attack's gradient, not of a new one at a
-    random point (--fix_gradsum keeps that for FGSM only, whose start gradient it differentiates)."""
-    return args.attack_init == "random" and not (args.fix_gradsum and args.attack != "fgsm")
+    random point (--fix_gradsum keeps that for FGSM only, whose start gradient it differentiates; N-FGSM, which
+    the original does not have, takes a new point)."""
+    return (args.attack_init == "random" and args.attack != "n_fgsm"
+            and not (args.fix_gradsum and args.attack != "fgsm"))
 
 
 def grad_sum_is_constant(args):
     """Where the original's GradSum term is a detached constant: it reuses an attack gradient that is not
     differentiable (FGSM's, or PGD/none's unless GradAlign differentiates it)."""
     return (grad_sum_reuses_attack_grad(args) and not args.fix_gradsum
-            and (args.attack == "fgsm" or not args.grad_align_cos_lambda))
+            and (single_step(args) or not args.grad_align_cos_lambda))
 
 
 def grad_sum(model, x, y, radii, args, grad, loss_scale):
@@ -105,6 +121,17 @@ def grad_sum(model, x, y, radii, args, grad, loss_scale):
     if grad_sum_reuses_attack_grad(args):
         return attacks.l2_norm(grad)
     return attacks.grad_sum_penalty(model, x, y, radii.reg_eps, loss_scale)
+
+
+def grad_sum_fd(model, x, y, radii, args, grad, loss_scale):
+    """GradSum-FD: GradSum's norm at a random grid point of the ball by a finite difference (no double backprop)."""
+    return attacks.grad_sum_fd_penalty(model, x, y, radii.reg_eps, args.grad_input_sum_fd_step / 255, loss_scale)
+
+
+def elle(model, x, y, radii, args, grad, loss_scale):
+    """ELLE's linearity error at three random points of the ball."""
+    return attacks.linearity_error(lambda z: F.cross_entropy(model(z), y.repeat(3), reduction="none"), x,
+                                   radii.reg_eps)
 
 
 @dataclass(frozen=True)
@@ -117,7 +144,7 @@ class Regulariser:
     flag: str  # the coefficient's flag; 0 turns the term off
     tag: str  # its part of the run name (with the coefficient)
     term: Callable
-    stat: str  # the step statistic it fills: "reg" logs coefficient * term (the original's reg), "gis" the term alone
+    stat: str  # the step statistic it fills (STATS): "reg" logs coefficient * term (as the original), others the term
     through_attack_grad: Callable = lambda args: False  # the term differentiates the attack's input gradient
     logged_by: str | None = None  # a flag that computes and logs the term even when its coefficient is 0
     double_backprop: bool = True
@@ -132,11 +159,44 @@ class Regulariser:
 # In the order of the original's forward passes (each moves BatchNorm statistics and draws a random point).
 REGULARISERS = (
     Regulariser("GradAlign", "grad_align_cos_lambda", "gradalign", grad_align, "reg",
-                through_attack_grad=lambda args: args.attack != "fgsm"),
+                through_attack_grad=lambda args: not single_step(args)),
     Regulariser("GradSum", "grad_input_sum_coeff", "gradsum", grad_sum, "gis",
                 through_attack_grad=lambda args: args.fix_gradsum and args.attack == "fgsm"
                 and args.attack_init == "random", logged_by="print_g_i_s"),
+    Regulariser("GradSum-FD", "grad_input_sum_fd_coeff", "gradsumfd", grad_sum_fd, "gis", double_backprop=False),
+    Regulariser("ELLE", "elle_lambda", "elle", elle, "elle", double_backprop=False),
 )
+STATS = ("reg", "gis", "elle")  # the regularisers' step statistics, each zero where no term fills it
+
+
+class AdaptiveLambda:
+    """ELLE-A's coefficient (its code's lambda_schedule onoff): 0 at first; after each iteration, lambda_max where
+    that iteration's linearity error exceeds the mean + sensitivity x the (population) standard deviation of all
+    earlier ones, once there are three, else lambda x decay. Device tensors updated in place (float64, as its
+    numpy): no host sync, and a CUDA graph that reads `value` reads the current one."""
+
+    def __init__(self, lambda_max, decay, sensitivity, device):
+        self.lambda_max, self.decay, self.sensitivity = lambda_max, decay, sensitivity
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.value, self.count, self.mean, self.m2 = zero(), zero(), zero(), zero()  # Welford's running moments
+
+    def update(self, error):
+        error = error.detach().to(torch.float64)
+        std = (self.m2 / self.count.clamp_min(1)).sqrt()
+        jump = (self.count > 2) & (error > self.mean + self.sensitivity * std)
+        self.value.copy_(torch.where(jump, self.lambda_max, self.value * self.decay))
+        self.count += 1
+        change = error - self.mean
+        self.mean += change / self.count
+        self.m2 += change * (error - self.mean)
+
+    def state_dict(self):
+        return {k: getattr(self, k).cpu() for k in ("value", "count", "mean", "m2")}
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            getattr(self, k).copy_(v)
+
 
 
 def losses(model, x, y, radii, args, loss_scale, carried=None, net=None):
@@ -146,13 +206,15 @@ def losses(model, x, y, radii, args, loss_scale, carried=None, net=None):
     delta = delta.detach()
     logits = (net or model)(x + delta)
     total = ce = F.cross_entropy(logits, y)
-    stats = {"ce": ce.detach(), "reg": torch.zeros((), device=x.device), "gis": torch.zeros((), device=x.device)}
+    stats = {"ce": ce.detach(), **{k: torch.zeros((), device=x.device) for k in STATS}}
     for r in (r for r in REGULARISERS if r.computed(args)):
         term = r.term(model, x, y, radii, args, grad, loss_scale)
+        weight = radii.coefficients.get(r.flag, r.weight(args))  # ELLE-A's lambda of this iteration
         if r.weight(args) > 0:
-            total = total + r.weight(args) * term
-        stats[r.stat] = (r.weight(args) * term if r.stat == "reg" else term).detach()
-    stats.update({"loss": total.detach(), "delta_abs": delta.abs().mean(), "correct": (logits.argmax(1) == y).sum()})
+            total = total + weight * term
+        stats[r.stat] = (weight * term if r.stat == "reg" else term).detach()
+    stats.update({"loss": total.detach(), "delta_abs": delta.abs().mean(), "correct": (logits.argmax(1) == y).sum(),
+                  "grad_zero": (attacks.sign(grad) == 0).float().mean()})  # where a signed step moves nothing
     return total, stats, delta
 
 
@@ -273,6 +335,11 @@ PRESETS = {  # --preset NAME: these flags in its place (flags after it override 
     "gradalign": f"{FGSM} --grad_align_cos_lambda=0.2",  # GradAlign, its paper's lambda at eps 8
     "pgd": "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=2",  # PGD-10 AT, step 2/255
     "free": f"{FGSM} --minibatch_replay=8",  # Free-AT (m = 8) as the original's loop runs it
+    # peers, with their papers' defaults at eps 8 (ELLE's lambda grows with eps: sh/cifar10_peers.tsv)
+    "n_fgsm": "--attack=n_fgsm --fgsm_alpha=1.0 --n_fgsm_noise=2 --n_fgsm_clip=0",  # N-FGSM: noise 2 eps, step eps
+    "elle": f"{FGSM} --elle_lambda=1000",  # ELLE, its CIFAR-10 lambda up to eps 8
+    "elle_a": f"{FGSM} --elle_lambda=4000 --elle_adaptive",  # ELLE-A: lambda up to 4000, decay 0.99, 2 std
+    "gradsum_fd": f"{FGSM} --grad_input_sum_fd_coeff=10",  # GradSum's lambda, its norm by a finite difference
 }
 
 

@@ -25,7 +25,7 @@ import utils
 from config import UsageError
 
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
-METER_KEYS = ("loss", "reg", "gis", "delta_abs", "correct")
+METER_KEYS = ("loss", *methods.STATS, "delta_abs", "grad_zero", "correct")  # summed over a period's steps
 STOP_SYNC_ITERS = 20  # under torchrun, processes agree on a stop signal every this many iterations
 
 
@@ -86,6 +86,8 @@ class Trainer:
         initial = cpu_copy(self.model)  # the original's early stopping starts from the initial weights, at 0
         self.kept = {name: {"state": initial, "iteration": 0, "acc": 0.0} for name in ("early_stopped", "best_test")}
         self.carried_delta = None
+        self.elle_a = (methods.AdaptiveLambda(args.elle_lambda, args.elle_decay, args.elle_sensitivity, dev)
+                       if args.elle_adaptive else None)
         self.periodic_eval_s = 0.0  # wall time of this process's periodic evaluations (timing.json)
         self.first_nonfinite = torch.full((), -1, device=dev)  # iteration of the first non-finite loss, on device
         self.reset_meters()
@@ -108,8 +110,10 @@ class Trainer:
         if a.dataset == "svhn":
             warmup = min(self.iteration / (SVHN_WARMUP_EPOCHS * self.n_train_full // a.batch_size), 1.0)
         vfsat_eps = schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list) / 255
+        coefficients = {"elle_lambda": self.elle_a.value} if self.elle_a else {}
         return methods.StepRadii(eps=a.eps / 255, fgsm_eps=vfsat_eps, pgd_eps=warmup * a.eps / 255,
-                         fgsm_alpha=warmup * a.fgsm_alpha, reg_eps=vfsat_eps if a.vfsat_reg_eps else a.eps / 255)
+                                 fgsm_alpha=warmup * a.fgsm_alpha, warmup=warmup, coefficients=coefficients,
+                                 reg_eps=vfsat_eps if a.vfsat_reg_eps else a.eps / 255)
 
     def batches(self, epoch, skip=0):
         a = self.args
@@ -121,11 +125,15 @@ class Trainer:
     def step(self, x, y, epoch, update=True):
         a = self.args
         if self.graphed and update:
-            return self.graphed(x, y, self.radii(epoch))
-        stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y, self.radii(epoch), a,
-                                  self.carried_delta, self.net if update else None, update)
-        if methods.carries_perturbation(a):
-            self.carried_delta = delta
+            stats = self.graphed(x, y, self.radii(epoch))
+        else:
+            stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y,
+                                              self.radii(epoch), a, self.carried_delta, self.net if update else None,
+                                              update)
+            if methods.carries_perturbation(a):
+                self.carried_delta = delta
+        if self.elle_a and update:  # the global batch's error: every process keeps the same lambda
+            self.elle_a.update(utils.global_mean(stats["elle"]))
         return stats
 
     def epoch_zero(self):
@@ -188,7 +196,7 @@ class Trainer:
 
     def record_step(self, stats, n):
         m = self.meters
-        for key in ("loss", "reg", "gis", "delta_abs"):
+        for key in METER_KEYS[:-1]:
             m[key] += stats[key] * n
         m["correct"] += stats["correct"]
         m["count"] += n
@@ -209,10 +217,12 @@ class Trainer:
 
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
-        loss, reg, gis, delta_abs, correct, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
+        *sums, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
-               "lr": lr, "train_eps": train_eps_px, "train_loss": loss / count, "train_reg": reg / count,
-               "train_gis": gis / count, "train_delta_abs": delta_abs / count, "train_acc": correct / count}
+               "lr": lr, "train_eps": train_eps_px,
+               **{f"train_{'acc' if k == 'correct' else k}": v / count for k, v in zip(METER_KEYS, sums, strict=True)}}
+        if self.elle_a:
+            row["elle_lambda"] = float(self.elle_a.value)
         loss_scale = methods.current_loss_scale(self.scaler)  # one host read: the evaluation changes no scale
         start = time.time()
         row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args, self.restart,
@@ -259,6 +269,7 @@ class Trainer:
         own = {"rng": utils.rng_state(), "carried_delta": cpu(self.carried_delta),
                "meters": {k: cpu(v) if torch.is_tensor(v) else v for k, v in self.meters.items()},
                "first_nonfinite": cpu(self.first_nonfinite),
+               "elle_a": self.elle_a.state_dict() if self.elle_a else None,
                "previous": None if self.previous is None or self.args.minibatch_replay == 1 else
                tuple(cpu(t) for t in self.previous)}
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
@@ -278,9 +289,11 @@ class Trainer:
         own = state["processes"][utils.rank()]
         self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(dev)
         if "meters" in own:  # checkpoints written within an epoch; older ones were all written at its end
-            self.meters = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in own["meters"].items()}
+            self.meters.update({k: v.to(dev) if torch.is_tensor(v) else v for k, v in own["meters"].items()})
             self.first_nonfinite = own["first_nonfinite"].to(dev)
             self.previous = None if own["previous"] is None else tuple(t.to(dev) for t in own["previous"])
+        if self.elle_a:
+            self.elle_a.load_state_dict(own["elle_a"])
         utils.set_rng_state(own["rng"])
 
     def save_checkpoint(self):
@@ -303,8 +316,10 @@ def format_row(row):
             f"loss {row['train_loss']:.4f} reg {row['train_reg']:.4f} g_i_s {row['train_gis']:.4f} "
             f"acc {pct('train_acc')} | test clean {pct('test_clean_acc')} fgsm {pct('test_fgsm_acc')} "
             f"pgd {pct('test_pgd_acc')} | train pgd {pct('train_pgd_acc')} | cos_x_eta {row['grad_cosine']:.3f} "
-            f"cos_fgsm_pgd {row['cos_fgsm_pgd']:.3f}" + (f" | scale {row['loss_scale']:g}" if "loss_scale" in row
-                                                          else ""))
+            f"cos_fgsm_pgd {row['cos_fgsm_pgd']:.3f}"
+            + (f" | elle {row['train_elle']:.3g}" if row["train_elle"] else "")
+            + (f" lambda {row['elle_lambda']:.4g}" if "elle_lambda" in row else "")
+            + (f" | scale {row['loss_scale']:g}" if "loss_scale" in row else ""))
 
 
 def run_final_eval(trainer, dataset, args, log):

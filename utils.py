@@ -246,6 +246,15 @@ def global_sum(*values):
     return t.tolist()
 
 
+def global_mean(value):
+    """A 0-d device tensor averaged over all processes, on the device (no host sync); itself in a plain process."""
+    if not is_distributed():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)  # a sum: gloo has no average
+    return total / dist.get_world_size()
+
+
 def all_gather(obj):
     """The list of every process's obj, in rank order ([obj] in a plain process)."""
     if not is_distributed():

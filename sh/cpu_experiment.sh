@@ -8,6 +8,8 @@
 #   DATA_DIR  CIFAR-10 (image-folder layout or torchvision's python version), e.g. ../shared/data/cifar10-jpeg
 #   OUT_DIR   parent of the run directories (default runs/cpu_experiment); finished runs are skipped,
 #             interrupted ones continue from their checkpoint
+# Environment: METHODS (default "fgsm fgsm-vfsat fgsm-gradsum") and TABLE_NAME (default table.md, in OUT_DIR) run
+# other rows of METHOD_FLAGS into another table (sh/cpu_peers.sh); PYTHON (default python).
 set -euo pipefail
 . "$(dirname "$0")/lib.bash"
 help_or_args 1 2 "$@"
@@ -23,8 +25,15 @@ declare -A METHOD_FLAGS=(  # presets: README, Presets
   [fgsm]="--preset=fgsm"
   [fgsm-vfsat]="--preset=vfsat"
   [fgsm-gradsum]="--preset=gradsum --grad_input_sum_coeff=20"
+  [n-fgsm]="--preset=n_fgsm"  # the peers (docs/peers.md), with their authors' settings at eps 10
+  [elle]="--preset=elle --elle_lambda=5000"  # ELLE's scripts: lambda 5000 from eps 10 to 20
+  [gradsum-fd]="--preset=gradsum_fd --grad_input_sum_fd_coeff=20"  # GradSum's lambda above
 )
-for name in fgsm fgsm-vfsat fgsm-gradsum; do
+read -r -a NAMES <<< "${METHODS:-fgsm fgsm-vfsat fgsm-gradsum}"
+for name in "${NAMES[@]}"; do
+  [ -n "${METHOD_FLAGS[$name]:-}" ] || usage_error "METHODS: $name is not one of ${!METHOD_FLAGS[*]}"
+done
+for name in "${NAMES[@]}"; do
   if finished "$OUT_DIR/$name"; then
     echo "= $name: finished already"
     continue
@@ -33,5 +42,7 @@ for name in fgsm fgsm-vfsat fgsm-gradsum; do
   echo "+ ${cmd[*]}"
   "${cmd[@]}"
 done
-"$PYTHON" report.py "$OUT_DIR"/fgsm "$OUT_DIR"/fgsm-vfsat "$OUT_DIR"/fgsm-gradsum --compare paper --out "$OUT_DIR/table.md" \
-  --plots "$OUT_DIR/plots"
+TABLE_MD=${TABLE_NAME:-table.md}
+PLOTS=$OUT_DIR/plots
+[ "$TABLE_MD" = table.md ] || PLOTS+="_${TABLE_MD%.md}"
+"$PYTHON" report.py "${NAMES[@]/#/$OUT_DIR/}" --compare paper --out "$OUT_DIR/$TABLE_MD" --plots "$PLOTS"

@@ -235,6 +235,18 @@ def test_free_at_stopped_within_an_epoch_resumes_with_its_replayed_batch_and_per
     assert metrics_text(tmp_path / "stopped") == metrics_text(tmp_path / "free")
 
 
+def test_elle_a_stopped_within_an_epoch_resumes_with_its_lambda_and_error_history(tmp_path, tiny_data, monkeypatch):
+    flags = ["--preset=elle_a", "--elle_lambda=5"]
+    assert train.main(argv(tmp_path, tiny_data, "elle_a") + flags) == 0
+    with monkeypatch.context() as m:
+        signal_on_call(m, methods, "train_step", 5)  # stops after iteration 4
+        assert train.main(argv(tmp_path, tiny_data, "stopped") + flags) == 128 + signal.SIGTERM
+    schedule = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["processes"][0]["elle_a"]
+    assert schedule["count"] == 4 and schedule["mean"] > 0  # the errors of iterations 1 to 4
+    assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
+    assert metrics_text(tmp_path / "stopped") == metrics_text(tmp_path / "elle_a")
+
+
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, tiny_data, monkeypatch, capsys):
     with monkeypatch.context() as m:
         signal_on_call(m, methods, "train_step", 5, signal.SIGINT, times=2)

@@ -35,6 +35,7 @@ def check_train_command(line, tmp_path):
     return args
 
 
+PEERS = ("n-fgsm", "elle", "elle-a", "gradsum-fd")  # sh/cifar10_table.tsv's rows beyond the paper's
 # the original results file's rows: (PGD iterations, step, GradSum lambda) of the PGD rows, GradAlign's lambda
 RESULTS_FILE = {8: ({(2, 4, 0), (2, 6, 0), (8, 1, 0), (10, 1.6, 0), (2, 4, 1.7), (10, 1.6, 1.0)}, 20),
                 16: ({(2, 8, 0), (10, 3.2, 0), (10, 3.2, 1.4)}, 24)}
@@ -45,14 +46,19 @@ def test_table_scripts_launch_the_results_files_rows_for_every_seed(eps, tmp_pat
     lines = dry_run(os.path.join("sh", f"cifar10_eps{eps}.sh"), "0,1,2", "runs/t")
     parsed = [check_train_command(line, tmp_path) for line in lines]
     pgd_rows, gradalign = RESULTS_FILE[eps]
-    assert len(lines) == 3 * (4 + len(pgd_rows))
+    assert len(lines) == 3 * (4 + len(pgd_rows) + len(PEERS))
     assert {a.seed for a in parsed} == {0, 1998, 2022} and {a.eps for a in parsed} == {eps}
     assert len({a.run_name for a in parsed}) == len(lines)
     assert len({config.method_name(a) for a in parsed}) == len(lines) // 3  # no two rows merge in the report
     assert {line.split("]")[0] for line in lines} == {"[gpu 0", "[gpu 1", "[gpu 2"}
     pgd = [a for a in parsed if a.attack == "pgd"]
     assert {(a.pgd_train_n_iters, a.pgd_alpha_train, a.grad_input_sum_coeff) for a in pgd} == pgd_rows
-    assert all(a.attack_init == "zero" for a in parsed)
+    assert all(a.attack_init == "zero" for a in parsed if a.attack != "n_fgsm")
+    peers = {(a.attack, a.n_fgsm_noise if a.attack == "n_fgsm" else 0, a.elle_lambda, a.elle_adaptive,
+              a.grad_input_sum_fd_coeff) for a in parsed if a.attack == "n_fgsm" or a.elle_lambda
+             or a.grad_input_sum_fd_coeff}
+    assert peers == {("n_fgsm", 2, 0, False, 0), ("fgsm", 0, {8: 1000, 16: 5000}[eps], False, 0),
+                     ("fgsm", 0, 4000, True, 0), ("fgsm", 0, 0, False, 10)}
     assert {a.grad_align_cos_lambda for a in parsed} == {0, gradalign}
     assert sum(a.discrete_eps for a in parsed) == 3
 
@@ -80,6 +86,7 @@ USAGE_ERRORS = {  # a wrong argument list for each script: too few arguments, an
     "cifar10_eps8.sh": (["0"], ["-1", "runs/x"]),
     "cifar10_table.sh": (["8", "0"], ["8", "--help=0", "runs/x"]),
     "cpu_experiment.sh": ([], ["-d"]),
+    "cpu_peers.sh": ([], ["data", "--out"]),
     "gpu_check.sh": (["data"], ["data", "--out"]),
     "slurm_multinode.sbatch": (["runs/x", "data"], ["--out", "data", "name"]),
     "slurm_table.sbatch": (["8", "runs/x"], ["8", "-o", "data"]),
@@ -168,6 +175,20 @@ def test_table_script_isolates_a_failed_run_and_a_rerun_completes_the_table(stan
     assert all((out / r / "metrics.jsonl").read_bytes() == kept[r] for r in finished)
     assert all(os.stat(out / r / "metrics.jsonl").st_mtime_ns == stamps[r] for r in finished)
     assert "| fgsm-gradsum10 |" in (out / "table.md").read_text() and "| 2 |" in (out / "table.md").read_text()
+
+
+def test_cpu_peers_runs_the_six_methods_and_writes_their_table(stand_in, tmp_path):
+    env, calls = stand_in
+    out = tmp_path / "cpu"
+    done = run_script("cpu_peers.sh", "data", str(out), env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [c.split("--run_name=")[1].split()[0] for c in train_calls(calls)]
+    assert names == ["fgsm", "fgsm-vfsat", "fgsm-gradsum", "n-fgsm", "elle", "gradsum-fd"]
+    table = (out / "peers.md").read_text()
+    assert all(f"| {m} |" in table for m in ("nfgsm2", "fgsm-elle5000", "fgsm-gradsumfd20"))
+    assert not (out / "table.md").exists() and (out / "plots_peers").is_dir()
+    bad = run_script("cpu_experiment.sh", "data", str(out), env={**env, "METHODS": "fgsm pgd"}, cwd=ROOT)
+    assert bad.returncode == 2 and "METHODS: pgd is not one of" in bad.stderr
 
 
 SLURM_STAND_IN = """#!/usr/bin/env bash

@@ -59,12 +59,13 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert all(r["test_pgd_any_acc"] <= r["test_pgd_acc"] for r in periodic)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in periodic)
     args = config.load_args(run_dir)
-    for r in methods.REGULARISERS:  # each logged statistic is non-zero exactly where its term is computed
-        assert all((row[f"train_{r.stat}"] > 0) == r.computed(args) for row in periodic)
+    for stat in methods.STATS:  # each logged statistic is non-zero exactly where a term of it is computed
+        computed = any(r.computed(args) for r in methods.REGULARISERS if r.stat == stat)
+        assert all((row[f"train_{stat}"] > 0) == computed for row in periodic)
     final = [r for r in rows if r["kind"] == "final"]
     assert [r["model"] for r in final] == ["last", "early_stopped", "best_test"]
     fp16 = "--half_prec" in METHODS[method] and "bfloat16" not in METHODS[method]
-    assert all(set(r) == readme_metrics_keys(r["kind"], fp16) for r in rows)
+    assert all(set(r) == readme_metrics_keys(r["kind"], fp16, args.elle_adaptive) for r in rows)
     assert all(r["n_points"] == 12 for r in final)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["iteration"] == 2 * iters_per_epoch
@@ -76,14 +77,15 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert vars(config.load_args(run_dir)).keys() == vars(config.build_parser().parse_args([])).keys()
 
 
-def readme_metrics_keys(kind, fp16):
+def readme_metrics_keys(kind, fp16, elle_a=False):
     """The keys the table of metrics.jsonl (docs/outputs.md) documents for rows of this kind."""
     text = open(os.path.join(ROOT, "docs", "outputs.md")).read()
     table = text.split("The keys of a `metrics.jsonl` row")[1].split("\n\n")[1]
     keys = set()
     for line in table.splitlines()[2:]:
         names, rows = line.split(" | ")[:2]
-        if rows.split(",")[0].strip() in (kind, "both") and (fp16 or "fp16 only" not in rows):
+        if (rows.split(",")[0].strip() in (kind, "both") and (fp16 or "fp16 only" not in rows)
+                and (elle_a or "ELLE-A only" not in rows)):
             keys |= set(re.findall(r"`(\w+)`", names))
     return keys
 
@@ -166,6 +168,11 @@ def test_both_paper_command_lines_in_the_readme_parse():
     ("--conv_double_backward=cudnn", "--conv_double_backward='cudnn'"),
     ("--cuda_graph --minibatch_replay=2", "--cuda_graph=True"),
     ("--cuda_graph --device=cpu", "--cuda_graph"),
+    ("--grad_input_sum_coeff=1 --grad_input_sum_fd_coeff=1", "--grad_input_sum_fd_coeff=1.0"),  # one GradSum
+    ("--elle_adaptive", "--elle_adaptive=True"),  # ELLE-A without its maximum lambda
+    ("--attack=n_fgsm --mast", "--mast=True"),
+    ("--n_fgsm_noise=-1", "--n_fgsm_noise=-1.0"),
+    ("--grad_input_sum_fd_step=0", "--grad_input_sum_fd_step=0.0"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_files(flags, named, tmp_path, tiny_data, capsys):
     code, run_dir = run_cli(flags, tmp_path, tiny_data)
