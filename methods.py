@@ -210,6 +210,7 @@ def losses(model, x, y, radii, args, loss_scale, carried=None, net=None):
     for r in (r for r in REGULARISERS if r.computed(args)):
         term = r.term(model, x, y, radii, args, grad, loss_scale)
         weight = radii.coefficients.get(r.flag, r.weight(args))  # ELLE-A's lambda of this iteration
+        weight = weight.to(term.dtype) if torch.is_tensor(weight) else weight  # as its float lambda times a tensor
         if r.weight(args) > 0:
             total = total + weight * term
         stats[r.stat] = (weight * term if r.stat == "reg" else term).detach()
