@@ -199,18 +199,17 @@ def bench_data_pipeline(device, batch_size, n_iters):
     return rows
 
 
-def fd_errors(model, x, y, eps, base, device):
+def fd_errors(model, x, y, eps, steps_px=FD_STEPS_PX, seed=0):
     """{step px: (relative error of the value, of the parameter gradient, their cosine)} of GradSum-FD against
-    exact GradSum at the same random point, the model in training mode as in training."""
-    config.configure_double_backward(model, method_args("--preset=gradsum", base, device))
+    exact GradSum at the same random point (drawn from seed), the model in the mode it is in."""
     params = [p for p in model.parameters() if p.requires_grad]
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     exact = attacks.grad_sum_penalty(model, x, y, eps)
     g_exact = flat(torch.autograd.grad(exact, params))
     out = {}
-    for px in FD_STEPS_PX:
-        torch.manual_seed(0)  # the same random grid point
+    for px in steps_px:
+        torch.manual_seed(seed)  # the same random grid point
         fd = attacks.grad_sum_fd_penalty(model, x, y, eps, px / 255)
         g_fd = flat(torch.autograd.grad(fd, params))
         out[px] = (abs(float(fd.detach() / exact.detach()) - 1), float((g_fd - g_exact).norm() / g_exact.norm()),
@@ -383,7 +382,8 @@ def main(argv=None):
               f"{config.build_parser().get_default('grad_input_sum_fd_step')}/255):")
         print("| step (pixels/255 RMS) | value: relative error | parameter gradient: relative error | cosine |\n"
               "|---|---|---|---|")
-        for px, (value, grad, cos) in fd_errors(*batch, base, device).items():
+        config.configure_double_backward(model, method_args("--preset=gradsum", base, device))  # exact GradSum's
+        for px, (value, grad, cos) in fd_errors(*batch).items():
             print(f"| {px:g} | {value:.1e} | {grad:.2f} | {cos:.3f} |")
         model.load_state_dict(state)  # its forward passes moved BatchNorm's running statistics
     if "eval" in sections:

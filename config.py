@@ -113,8 +113,7 @@ def build_parser(description=None):
     g("--discrete_eps", action="store_true", help="VFSAT: the training eps cycles over a discrete ramp by epoch")
     g = p.add_argument_group("regularisers").add_argument
     for r in methods.REGULARISERS:
-        g(f"--{r.flag}", type=float, default=0.0, help=f"{r.name} coefficient (0: off)"
-          + (" (with --elle_adaptive its maximum)" if r.flag == "elle_lambda" else ""))
+        g(f"--{r.flag}", type=float, default=0.0, help=f"{r.name} coefficient (0: off){r.help}")
     g("--print_g_i_s", action="store_true", help="compute and log the GradSum norm even when its coefficient is 0")
     g("--grad_input_sum_fd_step", type=float, default=0.5, help="GradSum-FD: the finite difference's move, "
       "pixels/255 per pixel in RMS (its error against GradSum: docs/peers.md)")

@@ -148,6 +148,7 @@ class Regulariser:
     through_attack_grad: Callable = lambda args: False  # the term differentiates the attack's input gradient
     logged_by: str | None = None  # a flag that computes and logs the term even when its coefficient is 0
     double_backprop: bool = True
+    help: str = ""  # what the flag's help adds to "NAME coefficient (0: off)"
 
     def weight(self, args):
         return getattr(args, self.flag)
@@ -164,7 +165,8 @@ REGULARISERS = (
                 through_attack_grad=lambda args: args.fix_gradsum and args.attack == "fgsm"
                 and args.attack_init == "random", logged_by="print_g_i_s"),
     Regulariser("GradSum-FD", "grad_input_sum_fd_coeff", "gradsumfd", grad_sum_fd, "gis", double_backprop=False),
-    Regulariser("ELLE", "elle_lambda", "elle", elle, "elle", double_backprop=False),
+    Regulariser("ELLE", "elle_lambda", "elle", elle, "elle", double_backprop=False,
+                help=" (with --elle_adaptive its maximum)"),
 )
 STATS = ("reg", "gis", "elle")  # the regularisers' step statistics, each zero where no term fills it
 
@@ -336,7 +338,7 @@ PRESETS = {  # --preset NAME: these flags in its place (flags after it override 
     "gradalign": f"{FGSM} --grad_align_cos_lambda=0.2",  # GradAlign, its paper's lambda at eps 8
     "pgd": "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=2",  # PGD-10 AT, step 2/255
     "free": f"{FGSM} --minibatch_replay=8",  # Free-AT (m = 8) as the original's loop runs it
-    # peers, with their papers' defaults at eps 8 (ELLE's lambda grows with eps: sh/cifar10_peers.tsv)
+    # peers, with their papers' defaults at eps 8 (ELLE's lambda grows with eps: sh/cifar10_table.tsv)
     "n_fgsm": "--attack=n_fgsm --fgsm_alpha=1.0 --n_fgsm_noise=2 --n_fgsm_clip=0",  # N-FGSM: noise 2 eps, step eps
     "elle": f"{FGSM} --elle_lambda=1000",  # ELLE, its CIFAR-10 lambda up to eps 8
     "elle_a": f"{FGSM} --elle_lambda=4000 --elle_adaptive",  # ELLE-A: lambda up to 4000, decay 0.99, 2 std

@@ -25,7 +25,8 @@ import utils
 from config import UsageError
 
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
-METER_KEYS = ("loss", *methods.STATS, "delta_abs", "grad_zero", "correct")  # summed over a period's steps
+STEP_MEANS = ("loss", *methods.STATS, "delta_abs", "grad_zero")  # batch means, summed weighted by the batch size
+METER_KEYS = (*STEP_MEANS, "correct")  # summed over a period's steps
 STOP_SYNC_ITERS = 20  # under torchrun, processes agree on a stop signal every this many iterations
 
 
@@ -196,7 +197,7 @@ class Trainer:
 
     def record_step(self, stats, n):
         m = self.meters
-        for key in METER_KEYS[:-1]:
+        for key in STEP_MEANS:
             m[key] += stats[key] * n
         m["correct"] += stats["correct"]
         m["count"] += n

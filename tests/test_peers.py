@@ -10,6 +10,7 @@ from scipy import stats
 from test_train import TINY_RUN
 
 import attacks
+import bench
 import methods
 import train
 import utils
@@ -102,28 +103,21 @@ def smooth_cnn(activation):
     return model
 
 
-def gradsum_exact_and_fd(model, x, y, step):
-    params = list(model.parameters())
-    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
-    torch.manual_seed(1)  # the same random grid point for both
-    exact = attacks.grad_sum_penalty(model, x, y, EPS)
-    g_exact = flat(torch.autograd.grad(exact, params))
-    torch.manual_seed(1)
-    fd = attacks.grad_sum_fd_penalty(model, x, y, EPS, step)
-    g_fd = flat(torch.autograd.grad(fd, params))
-    return abs(float(fd.detach() / exact.detach()) - 1), float((g_fd - g_exact).norm() / g_exact.norm())
+def gradsum_exact_and_fd(model, x, y, step_px):
+    """(relative errors of GradSum-FD's value and parameter gradient) against exact GradSum, bench.py's fd section."""
+    return bench.fd_errors(model, x, y, EPS, (step_px,), seed=1)[step_px][:2]
 
 
 def test_gradsum_fd_tends_to_exact_gradsum_value_and_parameter_gradient_as_the_step_shrinks():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(16, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (16,), generator=g)
     model = smooth_cnn(nn.Softplus(beta=5))  # smooth: the first-order error is O(step)
-    errors = {px: gradsum_exact_and_fd(model, x, y, px / 255) for px in (1.0, 0.1, 0.01)}
+    errors = {px: gradsum_exact_and_fd(model, x, y, px) for px in (1.0, 0.1, 0.01)}
     ordered = list(errors.values())
     for err_a, err_b in zip(ordered, ordered[1:], strict=False):
         assert all(6 < e_a / e_b < 14 for e_a, e_b in zip(err_a, err_b, strict=True))  # a tenth the step, the error
     default = train.config.build_parser().get_default("grad_input_sum_fd_step")
-    value_err, grad_err = gradsum_exact_and_fd(model, x, y, default / 255)
+    value_err, grad_err = gradsum_exact_and_fd(model, x, y, default)
     print(f"GradSum-FD at its default step {default}/255 (float64, softplus CNN): value {value_err:.1e}, "
           f"parameter gradient {grad_err:.1e} relative error")
     assert value_err < 1e-2 and grad_err < 3e-2
@@ -132,7 +126,7 @@ def test_gradsum_fd_tends_to_exact_gradsum_value_and_parameter_gradient_as_the_s
 def test_gradsum_fd_value_tends_to_gradsum_on_a_relu_network_too_and_a_zero_gradient_gives_zero():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(16, 3, 8, 8, generator=g).double(), torch.randint(0, 10, (16,), generator=g)
-    assert gradsum_exact_and_fd(smooth_cnn(nn.ReLU()), x, y, 0.001 / 255)[0] < 1e-5
+    assert gradsum_exact_and_fd(smooth_cnn(nn.ReLU()), x, y, 0.001)[0] < 1e-5
     blind = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).double()
     nn.init.zeros_(blind[1].weight)
     assert attacks.grad_sum_fd_penalty(blind, x, y, EPS, 0.5 / 255) == 0
