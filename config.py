@@ -18,7 +18,7 @@ import data
 import methods
 import schedules
 import utils
-from models import INPUT_NORMALIZATIONS, MODELS, build_model, configure_batchnorm, configure_conv
+from models import INPUT_NORMALIZATIONS, MODELS, Normalize, build_model, configure_batchnorm, configure_conv
 
 CHECKPOINT = "checkpoint.pt"
 SAVED_MODELS = ("last", "early_stopped", "best_test")  # the weights a finished run's checkpoint holds
@@ -184,12 +184,14 @@ def build_parser(description=None):
       "flags must equal these (what a rerun of a table or a requeued cluster task does)")
     g("--progress_every_s", type=float, default=60.0, help="off a terminal (nohup, Slurm), where no progress bar "
       "is drawn: a progress line every this many seconds (0: at every tenth of an epoch)")
+    g("--estimate", action="store_true", help="instead of running: measure this run's pieces on this machine and "
+      "print its projected wall time (writes nothing)")
     return p
 
 
 # Flags that cannot change what a run computes: where it runs, where it writes, how it logs, how it was started.
 NOT_COMPUTATIONAL = frozenset({"device", "data_dir", "out_dir", "run_name", "resume", "resume_existing", "preset",
-                               "progress_every_s"})
+                               "progress_every_s", "estimate"})
 RESUME_OVERRIDES = frozenset({"device", "data_dir", "progress_every_s"})  # may be given with --resume
 
 
@@ -344,12 +346,14 @@ def load_checkpoint(path, flag="--resume"):
                          "by train.py or is damaged") from None
 
 
-def saved_run_parser(description, default_models=SAVED_MODELS, seed_help="seed of the random draws", default_seed=0):
+def saved_run_parser(description, default_models=SAVED_MODELS, seed_help="seed of the random draws", default_seed=0,
+                     run_optional=False):
     """The arguments of the tools that read a finished run (eval.py, surface.py): RUN_DIR, the models, eps, the
     data folder, the device and the seed."""
     p = OneLineParser(description=description, formatter_class=HelpFormatter,
                       allow_abbrev=False)
-    p.add_argument("run", metavar="RUN_DIR", help="a run directory written by train.py")
+    p.add_argument("run", metavar="RUN_DIR", nargs="?" if run_optional else None,
+                   help="a run directory written by train.py")
     p.add_argument("--models", nargs="+", default=list(default_models), help=f"any of {', '.join(SAVED_MODELS)}")
     p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
     p.add_argument("--data_dir", help="default: the run's")
@@ -384,6 +388,65 @@ def open_saved_run(opts):
     dataset = data.load_data(run.dataset, data_dir, download=False)
     check_fingerprint(opts.run, data.fingerprint(dataset), data_dir)
     return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, iterations, device)
+
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")  # where common checkpoints keep the weights
+PREFIXES = ("module.", "model.")  # DataParallel's and wrapper modules' prefixes, as RobustBench's loader strips them
+SHORTCUT = (".shortcut.0.weight", ".shortcut.weight")  # RobustBench's projection shortcut, ours
+
+
+def open_weights(opts):
+    """A SavedRun for a weights file (--weights) with the layout its flags name: one model, named by the file."""
+    args = build_parser().parse_args([])
+    for name in ("dataset", "model", "input_normalization", "n_layers", "n_filters_cnn"):
+        setattr(args, name, getattr(opts, name))
+    args.eps = opts.eps = opts.eps or args.eps
+    if opts.model not in MODELS:
+        raise UsageError(f"--model={opts.model!r}: choose one of {', '.join(MODELS)}")
+    if opts.input_normalization not in INPUT_NORMALIZATIONS:
+        raise UsageError(f"--input_normalization={opts.input_normalization!r}: choose one of "
+                         f"{', '.join(INPUT_NORMALIZATIONS)}")
+    if not os.path.isfile(opts.weights):
+        raise UsageError(f"--weights={opts.weights!r}: no such file")
+    device = device_from_flag(opts.device)
+    dataset = data.load_data(args.dataset, opts.data_dir, download=False)
+    model = model_from_args(args, dataset)
+    state = read_state_dict(opts.weights, model, opts.model)
+    name = os.path.splitext(os.path.basename(opts.weights))[0]
+    return SavedRun(args, dataset, model.to(device).eval(), {name: state}, {name: 0}, device)
+
+
+def read_state_dict(path, model, model_flag):
+    """The state dict in `path` (a plain one, train.py's checkpoint, or RobustBench's PreActResNet layout) as
+    `model` names it; UsageError naming the first missing, unexpected or misshapen entry."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, pickled code, truncated
+        raise UsageError(f"--weights={path!r}: not a readable state dict ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]})") from None
+    while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in WRAPPER_KEYS):
+        obj = next(obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict))
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UsageError(f"--weights={path!r}: holds no state dict (a dict of tensors, or one under "
+                         f"{', '.join(WRAPPER_KEYS)})")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    obj = {k.replace(*SHORTCUT): v for k, v in obj.items()}
+    expected = model.state_dict()
+    own = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, Normalize) for b in ("mean", "std")}
+    missing = [k for k in expected if k not in obj and k not in own and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in obj if k not in expected]
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise UsageError(f"--weights={path!r}: not the layout of --model={model_flag} ({what}; "
+                         f"{len(missing)} missing, {len(unexpected)} unexpected); give the --model and "
+                         "--input_normalization it was trained with")
+    for k, v in obj.items():
+        if v.shape != expected[k].shape:
+            raise UsageError(f"--weights={path!r}: {k} has shape {tuple(v.shape)}, --model={model_flag} "
+                             f"expects {tuple(expected[k].shape)}")
+    return {**expected, **obj}
 
 
 def device_from_flag(name):

@@ -1,13 +1,16 @@
-"""Evaluate the saved models of a run: clean accuracy, PGD-k-r, an FGSM step-size sweep, AutoAttack, and the worst
-case over those attacks within the eps-ball.
+"""Evaluate the saved models of a run, or any weights file of our layouts: clean accuracy, PGD-k-r, an FGSM
+step-size sweep, the official AutoAttack, and the worst case over those attacks within the eps-ball.
 
     python eval.py runs/RUN                                  # clean and PGD-50-10 (step 1/255) of every saved model
     python eval.py runs/RUN --fgsm_sweep 1 2 3 4 5 6 7 8 9 10 11 12 --autoattack --n_points 1000
+    python eval.py --weights Wong2020Fast.pt --model resnet18 --dataset cifar10 --data_dir DIR --autoattack
 
 Defaults follow the original's eval.py and sh/eval.sh: PGD-50-10 with step 1/255, and FGSM steps larger than eps
-left unprojected (the ball grows to the step). Writes RUN/eval-<date-time>.json and prints a table.
+left unprojected (the ball grows to the step). Writes eval-<date-time>.json (in RUN, or beside the weights) and
+prints a table. A stop signal ends it within one forward pass; AutoAttack's finished attacks are kept, and the same
+command continues after them.
 """
-import importlib.metadata
+import glob
 import json
 import os
 import sys
@@ -15,6 +18,7 @@ import time
 
 import torch
 
+import autoattack_eval
 import config
 import data
 import evaluation
@@ -22,15 +26,6 @@ import utils
 from config import UsageError
 
 ORIGINAL_PGD_STEP = 1.0  # pixels/255: the original eval.py's PGD step
-
-
-def autoattack_stats(model, eps, n_classes, seed):
-    """(x, y) -> per-example correctness under AutoAttack's standard version (torchattacks), seed fixed."""
-    import torchattacks
-
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=n_classes,
-                                     seed=seed)
-    return lambda x, y: {"autoattack": utils.clean_correct(model, attack(x, y), y)}
 
 
 def fgsm_correct(model, x_u8, y, eps, step, batch_size, projected=False):
@@ -41,11 +36,11 @@ def fgsm_correct(model, x_u8, y, eps, step, batch_size, projected=False):
                                   evaluation.batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))["fgsm"]
 
 
-def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0):
-    """One result dict for the eval-mode model; accuracies are fractions. Where two or more attacks within the
-    eps-ball ran (PGD under the strict rule, AutoAttack, FGSM steps up to eps or projected), 'worst_case_acc'
-    counts the examples classified correctly that withstand every one of them, as AutoAttack scores its own
-    attacks."""
+def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0, autoattack=None):
+    """One result dict for the eval-mode model; accuracies are fractions. autoattack: (Protocol, resume file) of
+    the official AutoAttack, None to skip it. Where two or more attacks within the eps-ball ran (PGD under the strict
+    rule, AutoAttack, FGSM steps up to eps or projected), 'worst_case_acc' counts the examples classified correctly
+    that withstand every one of them, as AutoAttack scores its own attacks."""
     model.eval()
     eps = eps_px / 255
     run = lambda stats, keys, desc: evaluation.per_example(  # noqa: E731
@@ -65,9 +60,11 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0):
         masks[key] = fgsm_correct(model, x_u8, y, eps, step_px / 255, opts.batch_size, opts.fgsm_sweep_projected)
         if opts.fgsm_sweep_projected or step_px <= eps_px:
             in_ball.append(masks[key])
-    if opts.autoattack:
-        masks["autoattack_acc"] = run(autoattack_stats(model, eps, n_classes, seed), ("autoattack",),
-                                      "AutoAttack")["autoattack"]
+    if autoattack:
+        proto, state_path = autoattack
+        x = data.to_unit(x_u8)
+        masks["autoattack_acc"] = autoattack_eval.robust_flags(model, x, y, proto, x.device, state_path,
+                                                               progress_every_s=opts.progress_every_s)
         in_ball.append(masks["autoattack_acc"])
     if len(in_ball) > 1:
         masks["worst_case_acc"] = torch.stack([masks["clean_acc"], *in_ball]).all(0)  # the clean point is in it too
@@ -75,9 +72,10 @@ def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0):
 
 
 def build_parser():
-    p = config.saved_run_parser(__doc__, seed_help="seed of PGD's random starts and AutoAttack (default: each "
-                                "model's final-evaluation seed, from the run's seed and the model's iteration: "
-                                "train.py's final evaluation draws the same starts)", default_seed=None)
+    p = config.saved_run_parser(__doc__, seed_help="seed of PGD's random starts (default: each model's "
+                                "final-evaluation seed, from the run's seed and the model's iteration: train.py's "
+                                "final evaluation draws the same starts) and of AutoAttack (default 0)",
+                                default_seed=None, run_optional=True)
     p.add_argument("--pgd", nargs=2, type=int, default=[50, 10], metavar=("ITERS", "RESTARTS"),
                    help="PGD iterations and restarts; 0 0 to skip")
     p.add_argument("--pgd_step", type=float, default=ORIGINAL_PGD_STEP, help="PGD step, pixels/255 (the original "
@@ -86,7 +84,6 @@ def build_parser():
                    help="FGSM step sizes to try, pixels/255 (the paper: 1 2 ... 12)")
     p.add_argument("--fgsm_sweep_projected", action="store_true", help="project steps larger than eps onto the "
                    "eps-ball (the original leaves them unprojected)")
-    p.add_argument("--autoattack", action="store_true", help="AutoAttack, standard version (torchattacks)")
     p.add_argument("--batched_restarts", action="store_true", help="every PGD restart of a batch in one pass (the "
                    "same results; faster on a GPU)")
     p.add_argument("--export", metavar="DIR", help="also write each model as RobustBench's PreActResNet loads it "
@@ -95,6 +92,25 @@ def build_parser():
     p.add_argument("--n_points", type=int, default=-1, help="the first this many test points; -1: all")
     p.add_argument("--batch_size", type=int, default=1024, help="evaluation batch (images); the random starts "
                    "depend on it: the run's --batch_size_eval reproduces its final evaluation")
+    p.add_argument("--progress_every_s", type=float, default=60.0, help="off a terminal, a progress line of "
+                   "AutoAttack at most this often (seconds)")
+    g = p.add_argument_group("AutoAttack (the official code, pyautoattack)").add_argument
+    g("--autoattack", action="store_true", help="AutoAttack as RobustBench runs it (standard: APGD-CE, APGD-T, "
+      "FAB-T, Square; resumable)")
+    g("--autoattack_version", default="standard", help=f"one of {', '.join(autoattack_eval.VERSIONS)}")
+    g("--autoattack_attacks", type=lambda s: tuple(a.strip() for a in s.split(",") if a.strip()), default=None,
+      metavar="A,B,...", help=f"the custom version's attacks, in order, from {','.join(autoattack_eval.ATTACKS)}")
+    g("--autoattack_batch_size", type=int, default=250, help="AutoAttack's batch (images; its default): each "
+      "batch's random draws are seeded afresh, so the number depends on it")
+    g = p.add_argument_group("a weights file instead of a run (any model of our layouts)").add_argument
+    g("--weights", metavar="FILE", help="a state dict: plain, train.py's checkpoint, or RobustBench's "
+      "PreActResNet layout (module./model. prefixes, shortcut.0.weight); needs --data_dir")
+    g("--model", default="resnet18", help="with --weights: its layout, as train.py's --model")
+    g("--dataset", default="cifar10", help="with --weights: as train.py's --dataset")
+    g("--input_normalization", default="none", help="with --weights: as train.py's flag (none: the model takes "
+      "[0, 1] images)")
+    g("--n_layers", type=int, default=1, help="with --weights and --model=cnn: as train.py's flag")
+    g("--n_filters_cnn", type=int, default=16, help="with --weights and --model=cnn: as train.py's flag")
     return p
 
 
@@ -106,19 +122,39 @@ def prepare(argv):
         opts.pgd = None
     elif min(opts.pgd) < 1:
         raise UsageError(f"--pgd={opts.pgd}: iterations and restarts must be positive (0 0 skips PGD)")
-    if opts.export:
+    if opts.export or opts.autoattack_attacks or opts.autoattack_version != "standard":
         opts.autoattack = True  # RobustBench's robust accuracy is AutoAttack's
+    if opts.autoattack_batch_size < 1:
+        raise UsageError(f"--autoattack_batch_size={opts.autoattack_batch_size}: give a positive batch size")
     if opts.autoattack:
         try:
-            import torchattacks  # noqa: F401
+            import pyautoattack  # noqa: F401
         except ImportError:
-            raise UsageError("--autoattack: needs torchattacks; pip install -r requirements.txt") from None
-    saved = config.open_saved_run(opts)
+            raise UsageError("--autoattack: needs pyautoattack; pip install -r requirements.txt") from None
+    if (opts.run is None) == (opts.weights is None):
+        raise UsageError("give a run directory or --weights FILE (one of them)")
+    if opts.weights:
+        if not opts.data_dir:
+            raise UsageError("--weights: add --data_dir, the dataset's folder")
+        saved = config.open_weights(opts)
+        opts.models = list(saved.states)
+        opts.seed = opts.seed or 0  # no run seed to derive one from
+    else:
+        saved = config.open_saved_run(opts)
     if opts.export and not (saved.args.model in ROBUSTBENCH_DEPTHS and saved.args.input_normalization == "none"):
         raise UsageError(f"--export: RobustBench's PreActResNet layout is that of resnet18 and resnet34 without input "
                          f"normalisation; this run has --model={saved.args.model} --input_normalization="
                          f"{saved.args.input_normalization}")
     return opts, saved
+
+
+def autoattack_protocol(opts, n_points, n_classes):
+    try:
+        return autoattack_eval.protocol(opts.autoattack_version, opts.autoattack_attacks, opts.eps,
+                                        0 if opts.seed is None else opts.seed, n_points, opts.autoattack_batch_size,
+                                        n_classes)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 ROBUSTBENCH_DEPTHS = {"resnet18": "PreActResNet-18", "resnet34": "PreActResNet-34"}
@@ -130,64 +166,80 @@ def robustbench_state(state):
     return {k.replace(".shortcut.weight", ".shortcut.0.weight"): v for k, v in state.items()}
 
 
-def export(opts, saved, name, result):
+def export(opts, saved, name, result, proto):
     """DIR/<run>-<model>.pt and .json: the weights RobustBench's PreActResNet loads, and its model_info fields."""
     os.makedirs(opts.export, exist_ok=True)
-    stem = os.path.join(opts.export, f"{config.run_name(opts.run)}-{name}")
+    source = config.run_name(opts.run) if opts.run else name
+    stem = os.path.join(opts.export, f"{source}-{name}" if opts.run else name)
     utils.atomic_torch_save(robustbench_state(saved.states[name]), stem + ".pt")
     info = {"name": f"Improving Single-Step Adversarial Training By Local Smoothing: {config.method_name(saved.args)}"
-            f" ({name} model of {config.run_name(opts.run)})", "dataset": saved.args.dataset, "threat_model": "Linf",
+            f" ({name} model of {source})", "dataset": saved.args.dataset, "threat_model": "Linf",
             "eps": f"{opts.eps:g}/255", "architecture": ROBUSTBENCH_DEPTHS[saved.args.model],
             "training_method": config.method_name(saved.args), "additional_data": False, "number_forward_passes": 1,
             "clean_acc": f"{100 * result['clean_acc']:.2f}", "autoattack_acc": f"{100 * result['autoattack_acc']:.2f}",
-            "n_points": result["n_points"], "autoattack": f"torchattacks {importlib.metadata.version('torchattacks')}"
-            f" AutoAttack, version standard, seed {result['seed']}"}
+            "n_points": result["n_points"], "footnote": proto.label, "autoattack_protocol": proto.as_dict()}
     utils.atomic_write_text(json.dumps(info, indent=2) + "\n", stem + ".json")
     return stem
+
+
+def evaluate_models(opts, saved, x, y, results_dir, proto, log):
+    """{name: result} of each chosen model; the same weights (one iteration) are evaluated once."""
+    evaluated, out = {}, {}  # iteration -> the model evaluated for it
+    for name in opts.models:
+        if name not in saved.states:
+            print(f"eval.py: {name}: not saved in this run, skipped", file=sys.stderr)
+            continue
+        iteration = saved.iterations[name]
+        if iteration in evaluated:
+            out[name] = out[evaluated[iteration]]
+        else:
+            evaluated[iteration] = name
+            seed = evaluation.final_eval_seed(saved.args.seed, iteration) if opts.seed is None else opts.seed
+            saved.model.load_state_dict(saved.states[name])
+            state = proto and autoattack_eval.resume_path(results_dir, name, proto,
+                                                          autoattack_eval.weights_digest(saved.model))
+            log.info(f"evaluating {name} (iteration {iteration})")
+            out[name] = {**evaluate(saved.model, x, y, opts.eps, opts, saved.dataset.n_classes, seed,
+                                    proto and (proto, state)), "iteration": iteration, "seed": seed}
+        if opts.export:
+            stem = export(opts, saved, name, {**out[name], "n_points": len(y)}, proto)
+            print(f"exported {stem}.pt and {stem}.json")
+    return out
 
 
 def main(argv=None):
     try:
         opts, saved = prepare(sys.argv[1:] if argv is None else argv)
+        idx = evaluation.first_points(len(saved.dataset.test_y), opts.n_points)
+        proto = autoattack_protocol(opts, len(idx), saved.dataset.n_classes) if opts.autoattack else None
     except (UsageError, data.DataError) as err:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
-    dataset, model, states = saved.dataset, saved.model, saved.states
-    idx = evaluation.first_points(len(dataset.test_y), opts.n_points)
-    x, y = dataset.test_x[idx].to(saved.device), dataset.test_y[idx].to(saved.device)
-    results = {"run": opts.run, "eps": opts.eps, "n_points": len(y), "seed": opts.seed, "models": {}}
+    log = utils.get_logger()
+    x, y = saved.dataset.test_x[idx].to(saved.device), saved.dataset.test_y[idx].to(saved.device)
+    results_dir = opts.run or os.path.dirname(os.path.abspath(opts.weights))
+    results = {"run": opts.run, "weights": opts.weights, "eps": opts.eps, "n_points": len(y), "seed": opts.seed}
     if opts.pgd:
-        results["pgd_protocol"] = evaluation.pgd_protocol(*opts.pgd, opts.pgd_step, len(y), len(dataset.test_y),
+        results["pgd_protocol"] = evaluation.pgd_protocol(*opts.pgd, opts.pgd_step, len(y), len(saved.dataset.test_y),
                                                           batch_size=opts.batch_size)
-    if opts.autoattack:
-        version = importlib.metadata.version("torchattacks")
-        results["autoattack_protocol"] = {
-            "implementation": "torchattacks", "version": version, "attack_version": "standard", "n_points": len(y),
-            "seed": "each model's 'seed'", "label": f"AutoAttack (torchattacks {version}, standard, {len(y):,} pts)"}
-    evaluated = {}  # iteration -> the model evaluated for it: the same weights are evaluated once
-    for name in opts.models:
-        if name not in states:
-            print(f"eval.py: {name}: not saved in this run, skipped", file=sys.stderr)
-            continue
-        iteration = saved.iterations[name]
-        if iteration in evaluated:
-            results["models"][name] = results["models"][evaluated[iteration]]
-        else:
-            evaluated[iteration] = name
-            seed = evaluation.final_eval_seed(saved.args.seed, iteration) if opts.seed is None else opts.seed
-            model.load_state_dict(states[name])
-            results["models"][name] = {**evaluate(model, x, y, opts.eps, opts, dataset.n_classes, seed),
-                                       "iteration": iteration, "seed": seed}
-        if opts.export:
-            stem = export(opts, saved, name, {**results["models"][name], "n_points": len(y)})
-            print(f"exported {stem}.pt and {stem}.json")
-    out = new_result_path(opts.run)
+    if proto:
+        results["autoattack_protocol"] = proto.as_dict()
+    with utils.StopSignals() as signals, utils.stop_on_forward(saved.model, signals.requested):
+        try:
+            results["models"] = evaluate_models(opts, saved, x, y, results_dir, proto, log)
+        except utils.StopRequested:
+            kept = " AutoAttack's finished attacks are kept in autoattack-*.json there:" if proto else ""
+            print(f"eval.py: stopped by {signals.name}.{kept} the same command continues", file=sys.stderr)
+            return 128 + signals.signum
+    out = new_result_path(results_dir)
     try:
         utils.atomic_write_text(json.dumps(results, indent=2) + "\n", out)
     except utils.WriteError as err:
         print(f"eval.py: error: {err}; the results are printed below", file=sys.stderr)
         print(format_table(results))
         return 1
+    for name in glob.glob(os.path.join(results_dir, "autoattack-*.json")) if proto else ():
+        os.remove(name)  # their flags are in the result now
     print(format_table(results))
     print(f"written to {out}")
     return 0

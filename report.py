@@ -190,11 +190,16 @@ def find_runs(path):
 def group_runs(run_dirs, allow_duplicate_seeds=False):
     """{group key: [Run]} of the finished runs: a group is the runs whose computational flags and data are the
     same, seeds apart. The same seed twice in a group is an error (config.UsageError) unless allowed."""
-    groups = {}
+    groups, unfinished = {}, []
     for run_dir in run_dirs:
         run = load_run(run_dir)
-        if run is not None:
+        if run is None:
+            unfinished.append(run_dir)
+        else:
             groups.setdefault((json.dumps(run.flags, sort_keys=True), run.fingerprint), []).append(run)
+    if unfinished:
+        print(f"report.py: left out {len(unfinished)} unfinished run(s) (no final evaluation yet): "
+              f"{', '.join(unfinished)}", file=sys.stderr)
     for runs in groups.values():
         seen = {}
         for run in runs:

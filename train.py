@@ -17,6 +17,7 @@ import torch
 import attacks
 import config
 import data
+import estimate
 import evaluation
 import health
 import methods
@@ -27,7 +28,9 @@ from config import UsageError
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
 STEP_MEANS = ("loss", *methods.STATS, "delta_abs", "grad_zero")  # batch means, summed weighted by the batch size
 METER_KEYS = (*STEP_MEANS, "correct")  # summed over a period's steps
-STOP_SYNC_ITERS = 20  # under torchrun, processes agree on a stop signal every this many iterations
+STOP_SYNC_ITERS = 5  # under torchrun, processes agree on a stop signal every this many iterations (well inside
+# Slurm's KillWait of 30 s between its SIGTERM and SIGKILL)
+RUN_LOCKED_EXIT = 75  # EX_TEMPFAIL: another process holds the run directory; the scripts report "running elsewhere"
 
 
 # ---------------------------------------------------------------- loop
@@ -90,6 +93,8 @@ class Trainer:
         self.elle_a = (methods.AdaptiveLambda(args.elle_lambda, args.elle_decay, args.elle_sensitivity, dev)
                        if args.elle_adaptive else None)
         self.periodic_eval_s = 0.0  # wall time of this process's periodic evaluations (timing.json)
+        self.time_before = {"train_s": 0.0, "segments": 0}  # training time of a resumed run's earlier processes
+        self.segment_start, self.train_end = time.time(), None
         self.first_nonfinite = torch.full((), -1, device=dev)  # iteration of the first non-finite loss, on device
         self.reset_meters()
 
@@ -179,6 +184,12 @@ class Trainer:
             return self.iteration % STOP_SYNC_ITERS == 0 and self.stop.requested(collective=True)
         return self.stop.requested()
 
+    def elapsed(self):
+        """Seconds of training over every process that trained this run (a resumed run adds the earlier ones),
+        and how many there were."""
+        seconds = (self.train_end or time.time()) - self.segment_start
+        return {"train_s": self.time_before["train_s"] + seconds, "segments": self.time_before["segments"] + 1}
+
     def where(self):
         within = f", batch {self.batch_in_epoch}/{self.n_batches} of epoch {self.epoch + 1}" if self.batch_in_epoch \
             else f", the end of epoch {self.epoch}"
@@ -189,11 +200,11 @@ class Trainer:
         if not self.lines.due(self.batch_in_epoch, self.n_batches):
             return
         m = self.meters
-        n = max(m["count"], 1)
+        n = m["count"]  # 0 right after a periodic evaluation, which starts the running sums again
+        so_far = f" | loss {float(m['loss']) / n:.4f} acc {100 * float(m['correct']) / n:.1f}" if n else ""
         self.log.info(f"progress: iter {self.iteration}/{self.total_iters} epoch {epoch}/{self.args.epochs} (batch "
-                      f"{self.batch_in_epoch}/{self.n_batches}) | {self.lines.rate(self.iteration):.2f} it/s | loss "
-                      f"{float(m['loss']) / n:.4f} acc {100 * float(m['correct']) / n:.1f} | ETA "
-                      f"{self.lines.eta(self.iteration, self.total_iters)} (training)")
+                      f"{self.batch_in_epoch}/{self.n_batches}) | {self.lines.rate(self.iteration):.2f} it/s{so_far} | "
+                      f"ETA {self.lines.eta(self.iteration, self.total_iters)} (training)")
 
     def record_step(self, stats, n):
         m = self.meters
@@ -218,6 +229,7 @@ class Trainer:
 
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
+        utils.broadcast_buffers(self.model)  # every process evaluates (and keeps) process 0's model, the saved one
         *sums, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
                "lr": lr, "train_eps": train_eps_px,
@@ -275,7 +287,7 @@ class Trainer:
                tuple(cpu(t) for t in self.previous)}
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
-                "batch_in_epoch": self.batch_in_epoch, "periodic_eval_s": self.periodic_eval_s,
+                "batch_in_epoch": self.batch_in_epoch, "periodic_eval_s": self.periodic_eval_s, "time": self.elapsed(),
                 "kept": self.kept, "metrics": self.metrics, "processes": utils.all_gather(own),
                 "args": config.args_to_dict(self.args)}
 
@@ -287,6 +299,7 @@ class Trainer:
         self.epoch, self.iteration, self.kept, self.metrics = (state[k] for k in ("epoch", "iteration", "kept",
                                                                                   "metrics"))
         self.batch_in_epoch, self.periodic_eval_s = state.get("batch_in_epoch", 0), state.get("periodic_eval_s", 0.0)
+        self.time_before = state.get("time", self.time_before)  # checkpoints before it counted one segment
         own = state["processes"][utils.rank()]
         self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(dev)
         if "meters" in own:  # checkpoints written within an epoch; older ones were all written at its end
@@ -303,11 +316,13 @@ class Trainer:
             utils.atomic_torch_save(state, os.path.join(self.run_dir, config.CHECKPOINT))
 
     def check_replicas(self):
-        """Raise unless every process holds the same weights (what data-parallel training guarantees)."""
-        sums = [torch.cat([p.detach().double().flatten() for p in self.model.parameters()]).sum().item()]
+        """Raise unless every process holds the same weights (what data-parallel training guarantees) and the
+        same buffers (BatchNorm statistics, broadcast from process 0 before it)."""
+        sums = [torch.cat([t.detach().double().flatten() for t in ts]).sum().item()
+                for ts in (list(self.model.parameters()), list(self.model.buffers()) or [torch.zeros(1)])]
         everyone = utils.all_gather(sums)
         if any(s != everyone[0] for s in everyone):
-            raise RuntimeError(f"processes hold different weights (parameter sums {everyone})")
+            raise RuntimeError(f"processes hold different weights or buffers ((parameter, buffer) sums {everyone})")
         return len(everyone)
 
 
@@ -401,7 +416,7 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
                 if ".tmp" in name:
                     os.remove(os.path.join(run_dir, name))
         trainer.load_state_dict(checkpoint)
-        log.info(f"resumed at the end of epoch {trainer.epoch} (iteration {trainer.iteration})")
+        log.info(f"resumed at {trainer.where()}")
     trainer.write_metrics()  # drops the rows written after the checkpoint
     if any(row["kind"] == "final" for row in trainer.metrics):
         log.info("this run had already finished")
@@ -413,7 +428,7 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
         log.info(f"note: {line}")
     if args.sync_bn and trainer.net is not None and args.device.type != "cuda":
         log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
-    start = time.time()
+    trainer.segment_start = time.time()
     trainer.lines = utils.ProgressLines(args.progress_every_s, trainer.iteration)  # the pace of this process's steps
     if trainer.iteration == 0:
         trainer.epoch_zero()
@@ -422,17 +437,22 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
         trainer.save_checkpoint()
         if trainer.stop.requested(collective=True):  # once an epoch: the processes agree on it
             raise utils.StopRequested(trainer.where())
-    train_s = time.time() - start
+    trainer.train_end = time.time()
+    utils.broadcast_buffers(trainer.model)  # the saved model is process 0's: its BatchNorm statistics everywhere
     n_procs = trainer.check_replicas()
-    replicas = f"; {n_procs} processes hold identical weights" if n_procs > 1 else ""
-    log.info(f"training done in {train_s:.1f} s (periodic evaluations {trainer.periodic_eval_s:.1f} s){replicas}")
+    replicas = f"; {n_procs} processes hold identical weights and buffers" if n_procs > 1 else ""
+    spent = trainer.elapsed()
+    segments = f" over {spent['segments']} processes one after another" if spent["segments"] > 1 else ""
+    log.info(f"training done in {spent['train_s']:.1f} s{segments} (periodic evaluations "
+             f"{trainer.periodic_eval_s:.1f} s){replicas}")
     trainer.metrics += run_final_eval(trainer, dataset, args, log)
     trainer.save_checkpoint()
     trainer.write_metrics()
-    wall_s = time.time() - start
+    wall_s = spent["train_s"] + time.time() - trainer.train_end
     if utils.rank() == 0:
-        utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
-                                            "periodic_eval_s": round(trainer.periodic_eval_s, 1)}) + "\n",
+        utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(spent["train_s"], 1),
+                                            "periodic_eval_s": round(trainer.periodic_eval_s, 1),
+                                            "segments": spent["segments"]}) + "\n",
                                 os.path.join(run_dir, "timing.json"))
     log.info(f"done in {wall_s:.1f} s")
 
@@ -555,14 +575,21 @@ def say(line):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest algorithms
+    started = time.time()
     try:
         try:
             args, dataset, checkpoint, data_info = prepare(argv)
+            if args.estimate and utils.dist_env()[1] > 1:
+                raise UsageError("--estimate: run it in one process (it projects the run's wall time from there)")
         except (UsageError, data.DataError) as err:
             say(f"error: {err}")
             return 2
         if dataset is None:
             say(f"{args.resume} had already finished: nothing to do")
+            return 0
+        if args.estimate:
+            trainer = Trainer(args, dataset, None, utils.get_logger(quiet=True))
+            print("\n".join(estimate.project(trainer, args, dataset, time.time() - started)))
             return 0
         utils.init_distributed(args.device)
         with utils.StopSignals() as stop:
@@ -576,12 +603,44 @@ def main(argv=None):
 
 
 def train_in(args, dataset, checkpoint, data_info, argv, stop):
-    """Make (or reopen) the run directory and run; the exit status."""
-    first_process = utils.rank() == 0
+    """Make (or reopen) the run directory, take its lock and run; the exit status."""
     run_dir, error = shared_run_dir(args)
     if error:
         say(f"error: {error}")
         return 2
+    lock = utils.RunLock(run_dir)
+    if utils.rank() == 0:
+        try:
+            lock.__enter__()
+            check_after_lock(args, run_dir, checkpoint)
+        except (utils.RunLocked, UsageError) as err:
+            error = (RUN_LOCKED_EXIT if isinstance(err, utils.RunLocked) else 2, f"error: {err}")
+    error = utils.broadcast(error)
+    if error:
+        lock.__exit__()
+        say(error[1])
+        return error[0]
+    try:
+        if checkpoint is not None:  # as it is under the lock: another writer may have moved it on
+            checkpoint = config.load_checkpoint(os.path.join(run_dir, config.CHECKPOINT))
+        return run_locked(args, dataset, checkpoint, data_info, argv, stop, run_dir)
+    finally:
+        lock.__exit__()
+
+
+def check_after_lock(args, run_dir, checkpoint):
+    """UsageError if another writer made the run's first checkpoint between prepare() and the lock."""
+    if checkpoint is None and args.resume_existing and os.path.exists(os.path.join(run_dir, config.CHECKPOINT)):
+        raise UsageError(f"{run_dir} got its first checkpoint while this process started; run the same command "
+                         "again to continue it")
+
+
+def run_locked(args, dataset, checkpoint, data_info, argv, stop, run_dir):
+    """Run in the locked run directory; the exit status."""
+    first_process = utils.rank() == 0
+    if checkpoint is not None and any(row["kind"] == "final" for row in checkpoint["metrics"]):
+        say(f"{run_dir} had already finished: nothing to do")
+        return 0
     log = utils.get_logger(os.path.join(run_dir, "log.txt") if first_process else None, quiet=not first_process)
     if checkpoint is None and first_process:
         saved = {**config.args_to_dict(args), "_provenance": utils.provenance(args.device, argv), "_data": data_info}

@@ -312,3 +312,68 @@ def capture_graph(fn, *args):
     except RuntimeError as err:
         return None, str(err).strip().splitlines()[0]
     return graph, out
+
+
+class stop_on_forward:
+    """Within it, a forward pass of `model` raises StopRequested once `stop()` is true: a stop signal ends an
+    evaluation, inside a library's attack too, within one forward pass."""
+
+    def __init__(self, model, stop):
+        self.model, self.stop = model, stop
+
+    def __enter__(self):
+        self.hook = self.model.register_forward_pre_hook(self._check) if self.stop else None
+        return self
+
+    def _check(self, *_):
+        if self.stop():
+            raise StopRequested()
+
+    def __exit__(self, *exc):
+        if self.hook:
+            self.hook.remove()
+
+
+class RunLocked(Exception):
+    """Another process holds the run directory's lock; the message names it."""
+
+
+class RunLock:
+    """One writer per run directory: an exclusive OS lock (flock) on RUN/.lock, held while the process lives and
+    released by the kernel when it ends, however it ends (no stale lock survives a kill). The file names the
+    holder (host, pid, since when) for the refusal's message."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir):
+        self.path, self.file = os.path.join(run_dir, self.NAME), None
+
+    def __enter__(self):
+        import fcntl
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunLocked(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to end, or stop it "
+                            "(it checkpoints), then run this again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{platform.node()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()  # closing releases the lock
+
+
+def broadcast_buffers(model):
+    """Process 0's buffers (BatchNorm statistics) on every process: each process updates its own from its share of
+    the batch, and the saved model is process 0's. Training reads batch statistics, so this changes no step."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)

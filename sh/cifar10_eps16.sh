@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's CIFAR-10 table at eps 16/255 (all methods, seeds 0, 1998, 2022): sh/cifar10_table.sh 16.
+# The paper's CIFAR-10 table at eps 16/255 (its rows, seeds 0, 1998, 2022; ROWS=peers: the peers): sh/cifar10_table.sh 16.
 #
 # Usage: bash sh/cifar10_eps16.sh GPU_IDS OUT_DIR [DATA_DIR]     e.g. bash sh/cifar10_eps16.sh 0,1,2,3 runs/cifar10_eps16 data
 # (bash sh/cifar10_table.sh --help: what it does, what a rerun does, and its environment variables)

@@ -12,8 +12,11 @@
 # Rerunning the same command completes the table: finished runs are skipped, interrupted ones continue from
 # their checkpoint (train.py --resume_existing), missing ones start. Ctrl-C stops every run at its next iteration
 # with a checkpoint.
-# Environment: DRY_RUN=1 prints the commands only; ROWS="fgsm gradsum" and SEEDS="0 1" run part of the table;
-# PYTHON (default python) runs train.py and report.py.
+# Environment: DRY_RUN=1 prints the commands only; ESTIMATE=1 prints each row's projected wall time (train.py
+# --estimate, on the first of GPU_IDS) and the table's, in all and on these GPUs, and runs nothing; ROWS (default: the paper's rows; "peers" the peers' rows, "all"
+# both, or names such as "fgsm gradsum") and SEEDS="0 1" choose the runs; TINY=1 shrinks every run to a smoke
+# test of minutes on a CPU (GPU_IDS cpu) and EXTRA_ARGS="--flag=value ..." adds flags to every run (last: they
+# win); PYTHON (default python) runs train.py and report.py.
 set -euo pipefail
 . "$(dirname "$0")/lib.bash"
 help_or_args 3 4 "$@"
@@ -38,6 +41,30 @@ while IFS=$'\t' read -r name seed flags; do
   i=$((i + 1))
 done < <(table_plan "$EPS")
 [ "${DRY_RUN:-0}" = 1 ] && exit 0
+if [ "${ESTIMATE:-0}" = 1 ]; then  # each row measured once, on the first queue's device: its seeds cost the same
+  device=$([ "${GPUS[0]}" = cpu ] && echo cpu || echo "cuda:${GPUS[0]}")
+  declare -A row_s=()
+  while IFS=$'\t' read -r name flags; do
+    table_run "$OUT_DIR" "$DATA_DIR" "$EPS" "$name-estimate" 0 "$flags"
+    line=$("$PYTHON" "${RUN_ARGS[@]}" --device="$device" --estimate | grep '^projected wall time:') \
+      || refuse "ESTIMATE: train.py --estimate failed for row $name (run its command above without ESTIMATE)"
+    row_s[$name]=$(awk '{print $4}' <<< "$line")
+    echo "$name: $line"
+  done < <(table_rows "$EPS")
+  declare -a queue_s=()
+  i=0 total=0
+  while IFS=$'\t' read -r run _; do
+    s=${row_s[${run%-eps*}]}
+    queue_s[$((i % ${#GPUS[@]}))]=$(( ${queue_s[$((i % ${#GPUS[@]}))]:-0} + s ))
+    total=$((total + s))
+    i=$((i + 1))
+  done < <(table_plan "$EPS")
+  longest=$(printf '%s\n' "${queue_s[@]}" | sort -n | tail -n 1)
+  echo "table eps $EPS: $i run(s), projected $total s ($((total / 3600)) h) of one device in all; on ${#GPUS[@]}" \
+       "queue(s) ($GPU_IDS): $longest s ($((longest / 3600)) h $((longest % 3600 / 60)) min), the longest queue" \
+       "(projections from train.py --estimate on $device, not measured runs)"
+  exit 0
+fi
 
 STOPPING="$OUT_DIR/logs/.stopping"  # made by a stop signal: the queues start no further run
 run_queue() {  # the runs of one queue, one after another
@@ -46,6 +73,9 @@ run_queue() {  # the runs of one queue, one after another
     [ -n "$name" ] && [ ! -e "$STOPPING" ] || continue
     table_run "$OUT_DIR" "$DATA_DIR" "$EPS" "$name" "$seed" "$flags"
     run_isolated "$OUT_DIR" "$name" "$PYTHON" "${RUN_ARGS[@]}" --device="$device"
+    # a run stopped by a signal stops every queue, even where this shell could not trap it (a script's
+    # background job ignores Ctrl-C's SIGINT, which its train.py still receives)
+    [[ $(run_status "$OUT_DIR" "$name") != "$STOPPED"* ]] || touch "$STOPPING"
   done <<< "$1"
 }
 

@@ -9,7 +9,8 @@
 #   OUT_DIR   parent of the run directories (default runs/cpu_experiment); finished runs are skipped,
 #             interrupted ones continue from their checkpoint
 # Environment: METHODS (default "fgsm fgsm-vfsat fgsm-gradsum") and TABLE_NAME (default table.md, in OUT_DIR) run
-# other rows of METHOD_FLAGS into another table (sh/cpu_peers.sh); PYTHON (default python).
+# other rows of METHOD_FLAGS into another table (sh/cpu_peers.sh); TINY=1 shrinks every run to a smoke test of
+# seconds and EXTRA_ARGS="--flag=value ..." adds flags to every run (last: they win); PYTHON (default python).
 set -euo pipefail
 . "$(dirname "$0")/lib.bash"
 help_or_args 1 2 "$@"
@@ -38,7 +39,7 @@ for name in "${NAMES[@]}"; do
     echo "= $name: finished already"
     continue
   fi
-  cmd=("$PYTHON" train.py "${COMMON[@]}" ${METHOD_FLAGS[$name]} --run_name="$name" --resume_existing)
+  cmd=("$PYTHON" train.py "${COMMON[@]}" ${METHOD_FLAGS[$name]} --run_name="$name" --resume_existing $(extra_flags))
   echo "+ ${cmd[*]}"
   "${cmd[@]}"
 done

@@ -29,9 +29,13 @@ absolute() {  # a path made absolute (from the caller's folder, before the scrip
 
 TABLE=sh/cifar10_table.tsv
 
-table_rows() {  # table_rows EPS: "name<TAB>flags" of each row at EPS, the 'common' row left out, ROWS (names) kept if set
-  awk -F'\t' -v eps="$1" -v keep=" ${ROWS:-} " '
-    !/^#/ && ($1 == eps || $1 == "*") && $2 != "common" && (keep == "  " || index(keep, " " $2 " ")) {print $2 "\t" $3}
+table_rows() {  # table_rows EPS: "name<TAB>flags" of each row at EPS, the 'common' row left out; ROWS chooses:
+  # unset or "paper" the rows of the paper's table, "peers" the others (no paper row), "all" both, else names
+  awk -F'\t' -v eps="$1" -v keep=" ${ROWS:-paper} " '
+    !/^#/ && ($1 == eps || $1 == "*") && $2 != "common" &&
+    (keep == " all " || (keep == " paper " && $4 != "-") || (keep == " peers " && $4 == "-") || index(keep, " " $2 " ")) {
+      print $2 "\t" $3
+    }
   ' "$TABLE"
 }
 
@@ -43,10 +47,25 @@ table_eps() {  # the eps values that the table has rows for
   awk -F'\t' '!/^#/ && $1 != "*" {print $1}' "$TABLE" | sort -nu | tr '\n' ' '
 }
 
-table_plan() {  # table_plan EPS: "run_name<TAB>seed<TAB>flags" of every run, SEEDS (default 0 1998 2022) each
+table_seeds() {  # SEEDS, by default the paper's three (one under TINY=1)
+  if [ -n "${SEEDS:-}" ]; then echo "$SEEDS"; elif [ "${TINY:-0}" = 1 ]; then echo 0; else echo 0 1998 2022; fi
+}
+
+# TINY=1: every run of a script shrunk to a smoke test of minutes on a CPU (a 4-filter CNN, one epoch of 512
+# images, evaluations of 64 points), to try a machine's or a cluster's pipeline before spending GPU hours
+TINY_FLAGS="--model=cnn --n_filters_cnn=4 --epochs=1 --n_train=512 --batch_size=64 --batch_size_eval=64
+  --eval_iter_freq=4 --n_eval_every_k_iter=64 --attack_iters=2 --n_restarts=1 --final_attack_iters=2
+  --final_n_restarts=1 --n_final_eval=64 --lr_max=0.01"
+
+extra_flags() {  # the flags appended to every run, last (so they win): TINY's, then EXTRA_ARGS
+  if [ "${TINY:-0}" = 1 ]; then echo "$TINY_FLAGS"; fi
+  echo "${EXTRA_ARGS:-}"
+}
+
+table_plan() {  # table_plan EPS: "run_name<TAB>seed<TAB>flags" of every run, each of table_seeds
   local name flags seed
   while IFS=$'\t' read -r name flags; do
-    for seed in ${SEEDS:-0 1998 2022}; do
+    for seed in $(table_seeds); do
       printf '%s\t%s\t%s\n' "$name-eps$1-seed$seed" "$seed" "$flags"
     done
   done < <(table_rows "$1")
@@ -61,7 +80,7 @@ table_run() {  # table_run OUT_DIR DATA_DIR EPS RUN_NAME SEED FLAGS: RUN_ARGS, t
   # the table, the same for every launcher, so that a rerun or a requeued task continues the run (--resume_existing)
   # shellcheck disable=SC2046,SC2206  # the table's flags are words
   RUN_ARGS=(train.py --data_dir="$2" --out_dir="$1" $(common_flags) --eps="$3" $6 --seed="$5" --run_name="$4"
-            --resume_existing)
+            --resume_existing $(extra_flags))
 }
 
 stop_children() {  # stop_children PID: SIGTERM to PID's children (each train.py checkpoints at its next iteration)
@@ -72,38 +91,56 @@ wait_for() {  # wait_for PID: until it has ended (a trapped signal interrupts wa
   while kill -0 "$1" 2>/dev/null; do wait "$1" || true; done
 }
 
-finished() {  # finished RUN_DIR: whether the run wrote its final evaluation
-  [ -f "$1/timing.json" ]
+finished() {  # finished RUN_DIR: whether the run wrote its final evaluation (its rows, then timing.json)
+  [ -f "$1/timing.json" ] && grep -q '"kind": "final"' "$1/metrics.jsonl" 2>/dev/null
+}
+
+RUN_LOCKED_EXIT=75  # train.py's exit status when another process holds the run directory
+STOPPED="stopped by a signal"  # the start of a stopped run's status
+
+log_lines() {  # log_lines RUN_DIR: how many lines its log.txt has (0 without one)
+  if [ -f "$1/log.txt" ]; then wc -l < "$1/log.txt"; else echo 0; fi
 }
 
 run_isolated() {  # run_isolated OUT_DIR NAME COMMAND...: one run into OUT_DIR/logs/NAME.log; its outcome in NAME.status
-  local out=$1 name=$2 rc=0
+  local out=$1 name=$2 rc=0 before
   shift 2
   mkdir -p "$out/logs"
   if finished "$out/$name"; then
     echo skipped > "$out/logs/$name.status"
     return 0
   fi
+  trap : TERM  # a preempted job's shell gets SIGTERM too: it outlives the run, to write the run's status
+  before=$(log_lines "$out/$name")
   echo "[$(date '+%F %T')] start $name" >&2
   "$@" >> "$out/logs/$name.log" 2>&1 || rc=$?
-  case $rc in
-    0) echo finished ;;
-    130|138|143) echo "stopped by a signal, exit $rc: it continues when rerun" ;;
-    *) echo "failed, exit $rc" ;;
-  esac > "$out/logs/$name.status"
+  if [ $rc = 0 ]; then
+    echo finished
+  elif [ $rc = $RUN_LOCKED_EXIT ]; then
+    echo "running elsewhere: another process holds its folder"
+  elif [[ $rc =~ ^(130|138|143)$ ]] || tail -n +$((before + 1)) "$out/$name/log.txt" 2>/dev/null | grep -q 'stopped by SIG'
+  then  # torchrun exits 1 when its processes stopped on a signal: their log says so
+    echo "$STOPPED, exit $rc: it continues when rerun"
+  else
+    echo "failed, exit $rc"
+  fi > "$out/logs/$name.status"
   echo "[$(date '+%F %T')] end $name: $(cat "$out/logs/$name.status")" >&2
   return 0
+}
+
+run_status() {  # run_status OUT_DIR NAME: the outcome run_isolated recorded ("not run" without one)
+  cat "$1/logs/$2.status" 2>/dev/null || echo "not run"
 }
 
 summarise() {  # summarise EPS OUT_DIR: counts, each run that did not finish with its log, the table; status 1 if any failed
   local eps=$1 out=$2 name status n_done=0 n_skipped=0 failed=() dirs=()
   while IFS=$'\t' read -r name _; do
-    status=$(cat "$out/logs/$name.status" 2>/dev/null || echo "not run")
+    status=$(run_status "$out" "$name")
     if finished "$out/$name"; then
       dirs+=("$out/$name")
       if [ "$status" = skipped ]; then n_skipped=$((n_skipped + 1)); else n_done=$((n_done + 1)); fi
     else
-      failed+=("$name ($status)$([ -f "$out/logs/$name.log" ] && echo ": $out/logs/$name.log")")
+      failed+=("$name ($status)$([ ! -f "$out/logs/$name.log" ] || echo ": $out/logs/$name.log")")
     fi
   done < <(table_plan "$eps")
   echo "table eps $eps: ${#dirs[@]} of $((${#dirs[@]} + ${#failed[@]})) runs finished ($n_done now, $n_skipped before)," \
@@ -116,4 +153,56 @@ summarise() {  # summarise EPS OUT_DIR: counts, each run that did not finish wit
     echo "rerun the same command to finish them: finished runs are skipped, interrupted ones continue" >&2
     return 1
   fi
+}
+
+refuse() {  # refuse MESSAGE...: one line on stderr, exit 2
+  echo "$(basename "$0"): $*" >&2
+  exit 2
+}
+
+slurm_seconds() {  # slurm_seconds TIME: a Slurm time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; -1 unlimited
+  local t=$1 d=0 a b c
+  case $t in infinite|UNLIMITED|unlimited) echo -1; return ;; esac
+  if [[ $t == *-* ]]; then
+    d=${t%%-*}
+    IFS=: read -r a b c <<< "${t#*-}"
+    echo $(( ((10#$d * 24 + 10#$a) * 60 + 10#${b:-0}) * 60 + 10#${c:-0} ))
+  else
+    IFS=: read -r a b c <<< "$t"
+    if [ -n "$c" ]; then echo $(( (10#$a * 60 + 10#$b) * 60 + 10#$c ))
+    elif [ -n "$b" ]; then echo $(( 10#$a * 60 + 10#$b ))
+    else echo $(( 10#$a * 60 )); fi
+  fi
+}
+
+gres_gpus() {  # gres_gpus GRES: the GPUs a node's sinfo %G lists ("gpu:4", "gpu:a100:4(S:0-1)", "(null)": 0)
+  local n=0 entry
+  for entry in ${1//,/ }; do
+    entry=${entry%%(*}
+    [[ $entry == gpu* ]] && n=$((n + ${entry##*:}))
+  done
+  echo "$n"
+}
+
+check_partition() {  # check_partition CPUS GPUS TIME: refuse what no node of PARTITION (else the default) can run
+  command -v sinfo > /dev/null || return 0  # no Slurm client here: sbatch will say
+  local want_cpus=$1 want_gpus=$2 want_s nodes part cpus gres limit max_cpus=0 max_gpus=0 limit_s=0 name="" \
+    partition_limit
+  want_s=$(slurm_seconds "$3")
+  nodes=$(sinfo -h -N -o '%P %c %G %l' 2>&1) || refuse "sinfo failed (${nodes%%$'\n'*}); is Slurm reachable from here?"
+  while read -r part cpus gres limit; do
+    if [ -n "${PARTITION:-}" ]; then [ "${part%\*}" = "$PARTITION" ] || continue
+    else [[ $part == *\* ]] || continue; fi
+    name=${part%\*}
+    [ "$cpus" -gt $max_cpus ] && max_cpus=$cpus
+    [ "$(gres_gpus "$gres")" -gt $max_gpus ] && max_gpus=$(gres_gpus "$gres")
+    limit_s=$(slurm_seconds "$limit") partition_limit=$limit
+  done <<< "$nodes"
+  [ -n "$name" ] || refuse "PARTITION=${PARTITION:-}: sinfo lists no such partition (and no default one); set PARTITION"
+  [ "$want_gpus" -le $max_gpus ] || refuse "GPUS_PER_RUN=$want_gpus: the nodes of partition $name have at most" \
+    "$max_gpus GPUs; set GPUS_PER_RUN (0 runs on CPUs) or PARTITION"
+  [ "$want_cpus" -le $max_cpus ] || refuse "CPUS_PER_GPU: a task would ask for $want_cpus CPUs and the nodes of" \
+    "partition $name have at most $max_cpus; set CPUS_PER_GPU=$((max_cpus / (want_gpus > 0 ? want_gpus : 1)))"
+  [ "$limit_s" -lt 0 ] || [ "$want_s" -le "$limit_s" ] || refuse "TIME_LIMIT=$3: partition $name allows at most" \
+    "$partition_limit; set TIME_LIMIT (a stopped task requeues itself and continues)"
 }

@@ -8,12 +8,15 @@
 #   DATA_DIR CIFAR-10 folder (default: data), seen by every node
 # Each task runs sh/slurm_table.sbatch: a run that finished exits at once, an interrupted one continues from its
 # checkpoint. Slurm signals a task SIGNAL_LEAD_S seconds before its time limit: train.py checkpoints, and the task
-# requeues itself; a preempted task (SIGTERM) checkpoints too and resumes when Slurm requeues it. Submitting the
-# same command again runs what is not finished and writes the table again.
+# requeues itself; a preempted task (SIGTERM) checkpoints too and resumes when Slurm requeues it. A task whose run
+# failed ends FAILED. Submitting the same command again runs what is not finished and writes the table again.
+# Before submitting, the partition's nodes are checked (sinfo): a request they cannot meet is refused, naming the
+# variable to change.
 # Environment (none is edited in a file): PARTITION, ACCOUNT (default: the cluster's), TIME_LIMIT per task
-# (default 12:00:00), GPUS_PER_RUN (default 1; more: one torchrun group per run), CPUS_PER_GPU (default 8),
-# SIGNAL_LEAD_S (default 300), ROWS and SEEDS (part of the table, as sh/cifar10_table.sh), PYTHON (default python),
-# DRY_RUN=1 (print the sbatch commands only).
+# (default 12:00:00), GPUS_PER_RUN (default 1; more: one torchrun group per run; 0: on CPUs, gloo),
+# CPUS_PER_GPU (default 8; CPUs of a task with GPUS_PER_RUN=0), SIGNAL_LEAD_S (default 300), ROWS and SEEDS
+# (part of the table, as sh/cifar10_table.sh), TINY=1 and EXTRA_ARGS (a smoke test, as sh/cifar10_table.sh),
+# PYTHON (default python), DRY_RUN=1 (print the sbatch commands only).
 set -euo pipefail
 . "$(dirname "$0")/lib.bash"
 help_or_args 2 3 "$@"
@@ -23,24 +26,34 @@ DATA_DIR=$(absolute "${3:-data}")
 cd "$(dirname "$0")/.."
 check_eps "$EPS"
 GPUS_PER_RUN=${GPUS_PER_RUN:-1}
-[[ $GPUS_PER_RUN =~ ^[1-9][0-9]*$ ]] || usage_error "GPUS_PER_RUN=$GPUS_PER_RUN: a positive number"
+CPUS_PER_GPU=${CPUS_PER_GPU:-8}
+TIME_LIMIT=${TIME_LIMIT:-12:00:00}
+[[ $GPUS_PER_RUN =~ ^[0-9]+$ ]] || usage_error "GPUS_PER_RUN=$GPUS_PER_RUN: a number (0: on CPUs)"
+[[ $CPUS_PER_GPU =~ ^[1-9][0-9]*$ ]] || usage_error "CPUS_PER_GPU=$CPUS_PER_GPU: a positive number"
+cpus=$((CPUS_PER_GPU * (GPUS_PER_RUN > 0 ? GPUS_PER_RUN : 1)))
+[ "${DRY_RUN:-0}" = 1 ] || check_partition "$cpus" "$GPUS_PER_RUN" "$TIME_LIMIT"
 n_runs=$(table_plan "$EPS" | wc -l)
-opts=(--parsable --job-name="fast-at-eps$EPS" --time="${TIME_LIMIT:-12:00:00}" --nodes=1 --ntasks=1
-      --gpus-per-task="$GPUS_PER_RUN" --cpus-per-task=$((${CPUS_PER_GPU:-8} * GPUS_PER_RUN))
+opts=(--parsable --job-name="fast-at-eps$EPS" --time="$TIME_LIMIT" --nodes=1 --ntasks=1 --cpus-per-task="$cpus"
       ${PARTITION:+--partition="$PARTITION"} ${ACCOUNT:+--account="$ACCOUNT"})
-# --export: the task sees the same table (ROWS, SEEDS) and the same launcher (PYTHON, GPUS_PER_RUN)
-export ROWS="${ROWS:-}" SEEDS="${SEEDS:-}" PYTHON="${PYTHON:-python}" GPUS_PER_RUN
+[ "$GPUS_PER_RUN" = 0 ] || opts+=(--gpus-per-task="$GPUS_PER_RUN")
+# --export: the task sees the same table (ROWS, SEEDS, TINY, EXTRA_ARGS) and the same launcher (PYTHON, GPUS_PER_RUN)
+export ROWS="${ROWS:-}" SEEDS="${SEEDS:-}" TINY="${TINY:-0}" EXTRA_ARGS="${EXTRA_ARGS:-}" PYTHON="${PYTHON:-python}"
+export GPUS_PER_RUN
 array=(sbatch "${opts[@]}" --array="0-$((n_runs - 1))" --signal="B:USR1@${SIGNAL_LEAD_S:-300}" --requeue
        --open-mode=append --output="$OUT_DIR/logs/slurm-%A_%a.out" --export=ALL
        sh/slurm_table.sbatch "$EPS" "$OUT_DIR" "$DATA_DIR")
+report=(sbatch --parsable --job-name="fast-at-eps$EPS-table" --time=00:30:00 --ntasks=1 --cpus-per-task=1
+        ${PARTITION:+--partition="$PARTITION"} ${ACCOUNT:+--account="$ACCOUNT"} --dependency="afterany:JOB"
+        --output="$OUT_DIR/logs/slurm-table-%j.out" --export=ALL sh/slurm_table.sbatch --table "$EPS" "$OUT_DIR" "$DATA_DIR")
 echo "+ ${array[*]}"
-[ "${DRY_RUN:-0}" = 1 ] && exit 0
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "+ ${report[*]}"
+  exit 0
+fi
 mkdir -p "$OUT_DIR/logs"
 job=$("${array[@]}")
 job=${job%%;*}  # --parsable: "id" or "id;cluster"
-report=(sbatch --parsable --job-name="fast-at-eps$EPS-table" --time=00:30:00 --ntasks=1 --cpus-per-task=2
-        ${PARTITION:+--partition="$PARTITION"} ${ACCOUNT:+--account="$ACCOUNT"} --dependency="afterany:$job"
-        --output="$OUT_DIR/logs/slurm-table-%j.out" --export=ALL sh/slurm_table.sbatch --table "$EPS" "$OUT_DIR" "$DATA_DIR")
+report=("${report[@]/afterany:JOB/afterany:$job}")
 echo "+ ${report[*]}"
 table_job=$("${report[@]}")
 echo "submitted array job $job ($n_runs runs) and table job ${table_job%%;*} (after it): $OUT_DIR/table.md"

@@ -77,18 +77,6 @@ def test_worst_case_counts_attacks_within_the_ball(projected):
     assert "worst_case_acc" not in evaluation.evaluate(model, x_u8, y, 4, only_fgsm, n_classes=2)
 
 
-def test_autoattack_finds_the_exact_linear_worst_case():
-    model, x_u8 = linear(10, scale=1.0), interior_images(n=48)  # torchattacks' AutoAttack needs 10 classes
-    x = x_u8.float() / 255
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    expected = linear_robust(model, x, y, EPS).float().mean().item()
-    assert 0 < expected < 1
-    stats = evaluation.autoattack_stats(model, EPS, n_classes=10, seed=0)
-    acc = stats(x, y)["autoattack"].float().mean().item()
-    assert acc == pytest.approx(expected)
-
-
 def test_eval_command_line_on_a_finished_run(tmp_path, tiny_data, capsys):
     argv = shlex.split(f"{TINY_RUN} --attack=fgsm --data_dir={tiny_data} --out_dir={tmp_path} --run_name=run")
     assert train.main(argv) == 0
@@ -201,32 +189,6 @@ class RobustBenchPreActResNet18(nn.Module):
     def forward(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
         return self.linear(torch.nn.functional.avg_pool2d(out, 4).flatten(1))
-
-
-def test_export_loads_into_robustbenchs_layout_unchanged_and_writes_its_model_info(tmp_path, capsys):
-    from conftest import make_image_folder
-    classes = tuple(f"c{i}" for i in range(10))  # AutoAttack's targeted attack wants 10 classes
-    data_dir = make_image_folder(str(tmp_path / "data"), size=32, n_train_per_class=2, n_test_per_class=1,
-                                 classes=classes)
-    argv = shlex.split(f"{TINY_RUN} --model=resnet18 --batch_size=6 --n_eval_every_k_iter=6 --epochs=1 "
-                       f"--data_dir={data_dir} --out_dir={tmp_path} --run_name=run --final_attack_iters=1 "
-                       "--final_n_restarts=1")
-    assert train.main(argv) == 0
-    assert evaluation.main([str(tmp_path / "run"), "--models", "last", "--pgd", "0", "0", "--export",
-                            str(tmp_path / "rb"), "--device", "cpu"]) == 0
-    state = torch.load(tmp_path / "rb" / "run-last.pt", weights_only=True)
-    theirs = RobustBenchPreActResNet18(n_classes=10).eval()
-    theirs.load_state_dict(state)  # strict: the same names and shapes, nothing left over
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    import config
-    import data as data_module
-    ours = config.model_from_args(config.load_args(tmp_path / "run"), data_module.load_data("cifar10", data_dir))
-    ours.load_state_dict(ckpt["model"])
-    x = torch.rand(4, 3, 32, 32)
-    assert torch.allclose(ours.eval()(x), theirs(x), atol=1e-6)
-    info = json.load(open(tmp_path / "rb" / "run-last.json"))
-    assert (info["architecture"], info["eps"], info["n_points"]) == ("PreActResNet-18", "4/255", 10)
-    assert float(info["autoattack_acc"]) <= float(info["clean_acc"]) and "torchattacks" in info["autoattack"]
 
 
 def test_export_of_another_layout_is_refused_with_one_line(tmp_path, tiny_data, capsys):

@@ -8,7 +8,7 @@ import pytest
 from test_train import ROOT
 
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
-EXTRAS = ["scipy.io", "torchattacks", "matplotlib.pyplot", "tqdm"]  # SVHN, AutoAttack, plots, progress bars
+EXTRAS = ["scipy.io", "pyautoattack", "matplotlib.pyplot", "tqdm"]  # SVHN, AutoAttack, plots, progress bars
 
 
 @pytest.mark.parametrize("name", MODULES + EXTRAS)

@@ -30,7 +30,7 @@ def cells(text, method):
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
+def test_table_groups_seeds_with_mean_and_sample_std(tmp_path, capsys):
     runs = [make_run(tmp_path, f"fgsm{s}", {}, s, {"last": (0.80, 0.60, p), "early_stopped": (0.7, 0.5, 0.4)},
                      wall_s=w) for s, p, w in ((0, 0.40, 100), (1, 0.44, 200), (2, 0.48, 300))]
     runs.append(make_run(tmp_path, "vfsat0", {"discrete_eps": True}, 0, {"last": (0.75, 0.5, 0.45)}))
@@ -38,7 +38,7 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     os.makedirs(runs[-1])
     (tmp_path / "unfinished" / "args.json").write_text(json.dumps({}))
     (tmp_path / "unfinished" / "metrics.jsonl").write_text("")
-    text = report.table(runs[:4])
+    text = report.table(runs)  # the unfinished run is left out, and named
     fgsm = cells(text, "fgsm")
     # dataset, model, method, eps, flags, seeds, clean, FGSM, PGD, ES clean, ES PGD, CO at epoch, wall
     assert fgsm[3:6] == ["8", "-", "3"] and "| PGD-50-10 (step 2/255, 10,000 pts) |" in text
@@ -46,6 +46,7 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     assert fgsm[9] == "70.00 ± 0.00" and fgsm[12] == "200"
     vfsat = cells(text, "fgsm-vfsat")
     assert vfsat[5] == "1" and vfsat[8] == "45.00" and vfsat[9] == "-"
+    assert f"left out 1 unfinished run(s) (no final evaluation yet): {runs[-1]}" in capsys.readouterr().err
 
 
 def test_plots_are_written_per_run_and_per_group(tmp_path):

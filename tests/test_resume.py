@@ -220,8 +220,31 @@ def test_stop_signal_checkpoints_where_it_is_and_resumes_to_identical_metrics(wh
     line = [ln for ln in capsys.readouterr().out.splitlines() if "stopped by" in ln]
     assert len(line) == 1 and signum.name in line[0] and f"python train.py --resume {run_dir}" in line[0]
     assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers given back
+    first_s = torch.load(run_dir / "checkpoint.pt", weights_only=True)["time"]["train_s"]
     assert train.main(["--resume", str(run_dir)]) == 0
     assert metrics_text(run_dir) == reference
+    timing = json.loads((run_dir / "timing.json").read_text())  # the wall time of both processes, not the last's
+    assert timing["segments"] == 2 and timing["train_s"] >= round(first_s, 1) > 0
+    within = f"batch {batch}/3 of epoch {epoch + 1}" if batch else f"the end of epoch {epoch}"
+    assert f"resumed at iteration {3 * epoch + batch}/9, {within}" in (run_dir / "log.txt").read_text()
+
+
+def test_a_second_writer_is_refused_with_one_line_and_a_status_of_its_own(tmp_path, tiny_data, monkeypatch, capsys):
+    """One writer per run folder: while a process holds it (here this test, as a train.py would), --resume and
+    --resume_existing are refused with one line naming the holder, exit 75, nothing written."""
+    with monkeypatch.context() as m:
+        signal_on_call(m, methods, "train_step", 5)
+        assert train.main(argv(tmp_path, tiny_data, "held")) == 128 + signal.SIGTERM
+    run_dir = tmp_path / "held"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"}
+    capsys.readouterr()
+    with utils.RunLock(str(run_dir)):
+        for again in (["--resume", str(run_dir)], argv(tmp_path, tiny_data, "held") + ["--resume_existing"]):
+            assert train.main(again) == train.RUN_LOCKED_EXIT == 75
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"is in use by {os.uname().nodename} pid {os.getpid()}" in err[0]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"} == before
+    assert train.main(["--resume", str(run_dir)]) == 0  # the lock went with its holder
 
 
 def test_free_at_stopped_within_an_epoch_resumes_with_its_replayed_batch_and_perturbation(tmp_path, tiny_data,
@@ -339,7 +362,9 @@ def test_progress_lines_off_a_terminal(tmp_path, tiny_data):
     log = open(tmp_path / "lines" / "log.txt").read()
     lines = [ln for ln in log.splitlines() if "progress: iter" in ln]
     assert len(lines) == 9 and "iter 9/9 epoch 3/3 (batch 3/3)" in lines[-1]  # every tenth of 3 batches: each
-    assert all(" it/s | loss " in ln and " acc " in ln and "ETA " in ln for ln in lines)
+    assert all(" it/s | " in ln and "ETA " in ln and "loss 0.0000" not in ln for ln in lines)
+    # after each evaluation (every 2 iterations) the running sums start again: those lines have none to show
+    assert [" it/s | loss " in ln and " acc " in ln for ln in lines] == [True, False] * 4 + [True]
     assert "final evaluation: last: 2/2 (100%), ETA 0s" in log
     quiet = argv(tmp_path, tiny_data, "quiet")  # the default: a line a minute, none in this short run
     assert train.main(quiet) == 0 and "progress:" not in open(tmp_path / "quiet" / "log.txt").read()

@@ -21,8 +21,9 @@ def test_script_is_valid_bash(script):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
 
 
-def dry_run(*cmd):
-    done = subprocess.run(["bash", *cmd], cwd=ROOT, env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True)
+def dry_run(*cmd, env=None):
+    done = subprocess.run(["bash", *cmd], cwd=ROOT, env=dict(os.environ, DRY_RUN="1", **(env or {})),
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -43,10 +44,15 @@ RESULTS_FILE = {8: ({(2, 4, 0), (2, 6, 0), (8, 1, 0), (10, 1.6, 0), (2, 4, 1.7),
 
 @pytest.mark.parametrize("eps", [8, 16])
 def test_table_scripts_launch_the_results_files_rows_for_every_seed(eps, tmp_path):
-    lines = dry_run(os.path.join("sh", f"cifar10_eps{eps}.sh"), "0,1,2", "runs/t")
+    paper = dry_run(os.path.join("sh", f"cifar10_eps{eps}.sh"), "0,1,2", "runs/t")
+    lines = dry_run(os.path.join("sh", f"cifar10_eps{eps}.sh"), "0,1,2", "runs/t", env={"ROWS": "all"})
+    assert paper == [line for line in lines if not any(f"--run_name={p}-" in line for p in PEERS)]
+    name = lambda line: line.split("--run_name=")[1].split()[0]  # noqa: E731
+    peers = dry_run(os.path.join("sh", f"cifar10_eps{eps}.sh"), "0", "runs/t", env={"ROWS": "peers"})
+    assert [name(line) for line in peers] == [name(line) for line in lines if line not in paper]
     parsed = [check_train_command(line, tmp_path) for line in lines]
     pgd_rows, gradalign = RESULTS_FILE[eps]
-    assert len(lines) == 3 * (4 + len(pgd_rows) + len(PEERS))
+    assert len(paper) == 3 * (4 + len(pgd_rows)) and len(lines) == 3 * (4 + len(pgd_rows) + len(PEERS))
     assert {a.seed for a in parsed} == {0, 1998, 2022} and {a.eps for a in parsed} == {eps}
     assert len({a.run_name for a in parsed}) == len(lines)
     assert len({config.method_name(a) for a in parsed}) == len(lines) // 3  # no two rows merge in the report
@@ -65,7 +71,8 @@ def test_table_scripts_launch_the_results_files_rows_for_every_seed(eps, tmp_pat
 
 def test_slurm_script_launches_torchrun(tmp_path):
     (line,) = dry_run(os.path.join("sh", "slurm_multinode.sbatch"), "runs/x", "data", "gradsum8")
-    assert line.startswith("torchrun --nnodes=1 --nproc_per_node=1")  # what Slurm gives the node, else 1
+    # torchrun of the PYTHON that runs train.py, on what Slurm gives the node, else 1 GPU
+    assert line.startswith("python -m torch.distributed.run --nnodes=1 --nproc_per_node=1")
     args = check_train_command(line, tmp_path)
     assert (args.run_name, args.resume_existing, args.preset) == ("gradsum8", True, "gradsum")
 
@@ -87,6 +94,7 @@ USAGE_ERRORS = {  # a wrong argument list for each script: too few arguments, an
     "cifar10_table.sh": (["8", "0"], ["8", "--help=0", "runs/x"]),
     "cpu_experiment.sh": ([], ["-d"]),
     "cpu_peers.sh": ([], ["data", "--out"]),
+    "estimate_check.sh": ([], ["-x"]),
     "gpu_check.sh": (["data"], ["data", "--out"]),
     "slurm_multinode.sbatch": (["runs/x", "data"], ["--out", "data", "name"]),
     "slurm_table.sbatch": (["8", "runs/x"], ["8", "-o", "data"]),
@@ -117,8 +125,8 @@ def test_table_script_refuses_a_bad_eps_and_gpu_list(tmp_path):
 
 
 WRAPPER = """#!{python}
-# A stand-in python for the sh/ scripts: records each call, shrinks train.py's runs to tiny data, and fails the run
-# named by FAIL_ONCE on its first attempt.
+# A stand-in python for the sh/ scripts: records each call, shrinks train.py's runs to tiny data, fails the run
+# named by FAIL_ONCE on its first attempt, and ends the run named in EXIT_WITH (NAME:STATUS) with that status.
 import os, sys
 args = sys.argv[1:]
 with open(os.environ["CALLS"], "a") as f:
@@ -129,6 +137,9 @@ if args[:1] == ["train.py"]:
     if name == os.environ.get("FAIL_ONCE") and not os.path.exists(marker):
         open(marker, "w").close()
         sys.exit("failing on purpose")
+    exit_name, _, status = os.environ.get("EXIT_WITH", "").partition(":")
+    if name == exit_name:
+        sys.exit(int(status))
     args += os.environ["SHRINK"].split() + ["--data_dir=" + os.environ["TINY_DATA"]]
 os.execv(sys.executable, [sys.executable] + args)
 """
@@ -177,6 +188,49 @@ def test_table_script_isolates_a_failed_run_and_a_rerun_completes_the_table(stan
     assert "| fgsm-gradsum10 |" in (out / "table.md").read_text() and "| 2 |" in (out / "table.md").read_text()
 
 
+def test_table_script_stops_its_queue_after_a_stopped_run_and_names_a_run_held_elsewhere(stand_in, tmp_path):
+    """A run stopped by a signal stops the queue (also where the script's own shell could not trap the signal: a
+    background job of a script ignores SIGINT, its train.py does not); a run whose folder another process holds
+    is reported as such, neither failed nor finished."""
+    env, calls = stand_in
+    out, env = tmp_path / "table", {**env, "ROWS": "fgsm", "SEEDS": "0 1"}
+    done = run_script("cifar10_table.sh", "8", "cpu", str(out), env={**env, "EXIT_WITH": "fgsm-eps8-seed0:130"})
+    assert done.returncode == 1 and len(train_calls(calls)) == 1
+    assert "not finished: fgsm-eps8-seed0 (stopped by a signal, exit 130: it continues when rerun)" in done.stdout
+    assert "not finished: fgsm-eps8-seed1 (not run)" in done.stdout
+    done = run_script("cifar10_table.sh", "8", "cpu", str(out), env={**env, "EXIT_WITH": "fgsm-eps8-seed0:75"})
+    assert done.returncode == 1 and (out / "fgsm-eps8-seed1" / "timing.json").exists()
+    assert "fgsm-eps8-seed0 (running elsewhere: another process holds its folder)" in done.stdout
+
+
+def test_tiny_runs_every_script_on_a_cpu_in_minutes(tiny_data, tmp_path):
+    """TINY=1 with the real train.py: the table's runs shrunk to a smoke test; EXTRA_ARGS come last and win."""
+    env = {"TINY": "1", "ROWS": "gradsum", "EXTRA_ARGS": "--batch_size=16", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable}
+    done = run_script("cifar10_table.sh", "8", "cpu", str(tmp_path / "t"), tiny_data, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "1 of 1 runs finished (1 now, 0 before)" in done.stdout  # one seed under TINY
+    args = json.loads((tmp_path / "t" / "gradsum-eps8-seed0" / "args.json").read_text())
+    assert (args["model"], args["epochs"], args["batch_size"], args["grad_input_sum_coeff"]) == ("cnn", 1, 16, 10)
+    done = run_script("cpu_experiment.sh", tiny_data, str(tmp_path / "c"), env={**env, "METHODS": "fgsm-vfsat"},
+                      cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((tmp_path / "c" / "fgsm-vfsat" / "args.json").read_text())["n_final_eval"] == 64
+
+
+def test_table_estimate_projects_every_row_and_the_table_on_its_queues(tiny_data, tmp_path):
+    env = {"TINY": "1", "ESTIMATE": "1", "ROWS": "fgsm gradsum", "SEEDS": "0 1 2", "EXTRA_ARGS": "--batch_size=16",
+           "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    done = run_script("cifar10_table.sh", "8", "cpu,cpu", str(tmp_path / "t"), tiny_data, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split(":")[0]: int(line.split()[4]) for line in done.stdout.splitlines()
+            if line.split(":")[0] in ("fgsm", "gradsum")}
+    total = 3 * sum(rows.values())  # each row's three seeds; two queues take 3 and 3 runs in turn
+    longest = max(2 * rows["fgsm"] + rows["gradsum"], rows["fgsm"] + 2 * rows["gradsum"])
+    assert f"table eps 8: 6 run(s), projected {total} s" in done.stdout and f"(cpu,cpu): {longest} s" in done.stdout
+    assert not (tmp_path / "t").exists()  # nothing ran, nothing was written
+
+
 def test_cpu_peers_runs_the_six_methods_and_writes_their_table(stand_in, tmp_path):
     env, calls = stand_in
     out = tmp_path / "cpu"
@@ -204,7 +258,9 @@ def slurm(tmp_path):
     bin_dir, records = tmp_path / "bin", tmp_path / "slurm"
     bin_dir.mkdir()
     records.mkdir()
-    for name, reply in (("sbatch", 'echo $((4242 + $(wc -l < "{record}") - 1))'), ("scontrol", "")):
+    for name, reply in (("sbatch", 'echo $((4242 + $(wc -l < "{record}") - 1))'), ("scontrol", ""),
+                        ("sinfo", "printf '%s\\n' 'cpu 64 (null) infinite' 'gpu* 32 gpu:a100:4(S:0-1) 2-00:00:00' "
+                         "'gpu* 64 gpu:8 2-00:00:00'")):
         record = records / f"{name}.txt"
         note = ", answers an id" if reply else ""
         (bin_dir / name).write_text(SLURM_STAND_IN.format(name=name, record=record, reply=note,
@@ -226,6 +282,31 @@ def test_slurm_table_submits_one_array_task_per_run_and_a_table_job_after_them(s
     assert array.endswith(f"sh/slurm_table.sbatch 8 {tmp_path}/runs/t {tmp_path}/data")
     assert "--dependency=afterany:4242" in table and table.endswith(f"--table 8 {tmp_path}/runs/t {tmp_path}/data")
     assert "submitted array job 4242 (6 runs) and table job 4243" in done.stdout
+    dry = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path, env={**env, **path, "DRY_RUN": "1"})
+    assert [line.split()[1] for line in dry.stdout.splitlines()] == ["sbatch", "sbatch"]  # the table job too
+    assert "--dependency=afterany:JOB" in dry.stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("request_env, expected", [
+    ({"GPUS_PER_RUN": "16"}, "GPUS_PER_RUN=16: the nodes of partition gpu have at most 8 GPUs"),
+    ({"GPUS_PER_RUN": "8", "CPUS_PER_GPU": "10"}, "a task would ask for 80 CPUs and the nodes of partition gpu have "
+     "at most 64; set CPUS_PER_GPU=8"),
+    ({"TIME_LIMIT": "3-00:00:00"}, "TIME_LIMIT=3-00:00:00: partition gpu allows at most 2-00:00:00"),
+    ({"PARTITION": "a100"}, "PARTITION=a100: sinfo lists no such partition"),
+    ({"PARTITION": "cpu", "GPUS_PER_RUN": "1"}, "the nodes of partition cpu have at most 0 GPUs"),
+])
+def test_slurm_table_refuses_what_the_partition_cannot_run_before_queueing(request_env, expected, stand_in, slurm,
+                                                                           tmp_path):
+    env, _ = stand_in
+    path, records = slurm
+    done = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path, env={**env, **path, **request_env})
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and expected in err[0], done.stderr
+    assert not (records / "sbatch.txt").exists() and not (tmp_path / "runs").exists()
+    cpu = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path,
+                     env={**env, **path, "PARTITION": "cpu", "GPUS_PER_RUN": "0", "TIME_LIMIT": "30-0"})
+    assert cpu.returncode == 0, cpu.stderr
+    assert "--gpus-per-task" not in (records / "sbatch.txt").read_text().splitlines()[0]
 
 
 def test_slurm_task_checkpoints_and_requeues_before_its_time_limit_then_finishes_and_then_exits_at_once(
@@ -254,6 +335,9 @@ def test_slurm_task_checkpoints_and_requeues_before_its_time_limit_then_finishes
     again = subprocess.run(task, env=dict(os.environ, **env), capture_output=True, text=True)
     assert again.returncode == 0 and "finished already" in again.stdout and len(train_calls(calls)) == n_calls
     assert (records / "scontrol.txt").read_text() == "requeue 4242_2\n"  # no second requeue
+    failing = dict(os.environ, **{**env, "SLURM_ARRAY_TASK_ID": "3", "FAIL_ONCE": "gradsum-eps8-seed1"})
+    failed = subprocess.run(task, env=failing, capture_output=True, text=True)
+    assert failed.returncode == 1 and "gradsum-eps8-seed1: failed, exit 1" in failed.stdout  # FAILED in sacct
 
 
 def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_path):
@@ -273,3 +357,6 @@ def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_pat
     assert "--grad_input_sum_coeff=10" in args["_provenance"]["command"]  # the README's line, word for word
     assert set(json.loads((out / "gradsum-eps8-seed0" / "timing.json").read_text())) >= {"wall_s", "periodic_eval_s"}
     assert "no paper row" in (out / "table.md").read_text() and "timing (s):" in done.stdout
+    assert "weights changed by training:" in done.stdout and args["amp_dtype"] == "bfloat16"  # real steps on a CPU
+    estimates = (out / "estimate.txt").read_text()
+    assert estimates.count("table eps 8: 1 run(s), projected") == 2
