@@ -66,11 +66,6 @@ WARMUP_ITERS = 2  # the first creates the optimiser's state; under --cuda_graph 
 README_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "attack_iters": 50, "n_restarts": 10}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def method_args(flags, base, device):
     args = config.build_parser().parse_args(shlex.split(f"{base} --preset=fgsm {flags}"))
     args.device = device
@@ -85,11 +80,11 @@ def time_iterations(model, setup, x, y, eps, n_iters):
     """Seconds per training iteration, over n_iters iterations."""
     step, args = setup
     config.configure_double_backward(model, args)
-    sync(x.device)
+    utils.sync(x.device)
     start = time.perf_counter()
     for _ in range(n_iters):
         step(x, y, radii(eps))
-    sync(x.device)
+    utils.sync(x.device)
     return (time.perf_counter() - start) / n_iters
 
 
@@ -165,12 +160,12 @@ def bench_eval(model, x_u8, y, eps, batch_size, mode):
     EVAL_MODES."""
     model.eval()
     torch.manual_seed(0)
-    sync(x_u8.device)
+    utils.sync(x_u8.device)
     start = time.perf_counter()
     stats = evaluation.pgd_stats(model, eps, README_EVAL["attack_iters"], README_EVAL["n_restarts"],
                                  **EVAL_MODES[mode])
     acc = evaluation.fractions(stats, ("pgd",), data.eval_batches(x_u8, y, batch_size))[0]["pgd"]
-    sync(x_u8.device)
+    utils.sync(x_u8.device)
     model.train()
     return len(y) / (time.perf_counter() - start), acc
 
@@ -184,11 +179,11 @@ def bench_data_pipeline(device, batch_size, n_iters):
         x_u8 = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
         y = torch.randint(0, n_classes, (n,), device=device)
         gen = data.epoch_generator(0, 0, device)
-        sync(device)
+        utils.sync(device)
         start = time.perf_counter()
         for _ in data.train_batches(x_u8, y, batch_size, gen):
             pass
-        sync(device)
+        utils.sync(device)
         pipeline = n // batch_size * batch_size / (time.perf_counter() - start)
         model = build_model(model_name, n_classes, 3, size).to(device)
         setup = training_setup(model, method_args("", f"--model={model_name} --eps=8", device))
@@ -333,10 +328,10 @@ def time_periodic_eval(model, eval_sets, eps, args, restart, autocast=None, loss
     """(seconds, metrics row) of one periodic evaluation, its random starts seeded (comparable across calls)."""
     device = eval_sets["test"][0].device
     torch.manual_seed(0)
-    sync(device)
+    utils.sync(device)
     start = time.perf_counter()
     row = evaluation.periodic_eval(model, eval_sets, eps, args, restart, autocast, loss_scale)
-    sync(device)
+    utils.sync(device)
     return time.perf_counter() - start, row
 
 

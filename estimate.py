@@ -17,7 +17,6 @@ import time
 
 import torch
 
-import attacks
 import evaluation
 import utils
 
@@ -35,12 +34,10 @@ def count_periodic(args, n_batches):
 
 def timed(device, fn, *a, **kw):
     """(seconds, fn's result), the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    utils.sync(device)
     start = time.perf_counter()
     out = fn(*a, **kw)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    utils.sync(device)
     return time.perf_counter() - start, out
 
 
@@ -72,15 +69,10 @@ def measure(trainer, args, dataset, n_iters=TIMED_ITERS):
 
 def final_eval_points(trainer, args, x_u8, y, skip_lost):
     """The final evaluation's attacks (clean, FGSM, PGD) on these points, with or without the ln K skip."""
-    model, eps = trainer.model, args.eps / 255
-    pgd = evaluation.pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, skip_lost=skip_lost,
-                               restart=trainer.restart, batched=args.batched_restarts)
-    model.eval()
-    for x, labels in evaluation.batches(x_u8, y, args.batch_size_eval):
-        utils.clean_correct(model, x, labels)
-        attacks.fgsm_eval(model, x, labels, eps, eps)
-        pgd(x, labels)
-    model.train()
+    trainer.model.eval()
+    evaluation.per_example(evaluation.final_stats(trainer.model, args.eps / 255, args, trainer.restart, skip_lost),
+                           ("clean",), evaluation.batches(x_u8, y, args.batch_size_eval))
+    trainer.model.train()
 
 
 def project(trainer, args, dataset, startup_s):

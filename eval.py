@@ -36,7 +36,7 @@ def fgsm_correct(model, x_u8, y, eps, step, batch_size, projected=False):
                                   evaluation.batches(x_u8, y, batch_size, f"FGSM step {255 * step:g}"))["fgsm"]
 
 
-def evaluate(model, x_u8, y, eps_px, opts, n_classes, seed=0, autoattack=None):
+def evaluate(model, x_u8, y, eps_px, opts, seed=0, autoattack=None):
     """One result dict for the eval-mode model; accuracies are fractions. autoattack: (Protocol, resume file) of
     the official AutoAttack, None to skip it. Where two or more attacks within the eps-ball ran (PGD under the strict
     rule, AutoAttack, FGSM steps up to eps or projected), 'worst_case_acc' counts the examples classified correctly
@@ -199,8 +199,8 @@ def evaluate_models(opts, saved, x, y, results_dir, proto, log):
             state = proto and autoattack_eval.resume_path(results_dir, name, proto,
                                                           autoattack_eval.weights_digest(saved.model))
             log.info(f"evaluating {name} (iteration {iteration})")
-            out[name] = {**evaluate(saved.model, x, y, opts.eps, opts, saved.dataset.n_classes, seed,
-                                    proto and (proto, state)), "iteration": iteration, "seed": seed}
+            out[name] = {**evaluate(saved.model, x, y, opts.eps, opts, seed, proto and (proto, state)),
+                         "iteration": iteration, "seed": seed}
         if opts.export:
             stem = export(opts, saved, name, {**out[name], "n_points": len(y)}, proto)
             print(f"exported {stem}.pt and {stem}.json")

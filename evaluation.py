@@ -207,8 +207,8 @@ def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, w
     return rows
 
 
-def final_stats(model, eps, args, restart=attacks.pgd_restart):
-    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, restart=restart,
+def final_stats(model, eps, args, restart=attacks.pgd_restart, skip_lost=True):
+    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, skip_lost=skip_lost, restart=restart,
                     batched=args.batched_restarts)
     return lambda x, y: {"clean": utils.clean_correct(model, x, y), "fgsm": attacks.fgsm_eval(model, x, y, eps, eps)[0],
                          **pgd(x, y)}

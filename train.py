@@ -417,10 +417,7 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
                     os.remove(os.path.join(run_dir, name))
         trainer.load_state_dict(checkpoint)
         log.info(f"resumed at {trainer.where()}")
-    trainer.write_metrics()  # drops the rows written after the checkpoint
-    if any(row["kind"] == "final" for row in trainer.metrics):
-        log.info("this run had already finished")
-        return
+    trainer.write_metrics()  # drops the rows written after the checkpoint (run_locked returns for finished runs)
     log.info(f"{args.model} on {args.dataset}: {len(trainer.train_y)} training images, {trainer.n_batches} "
              f"batches/epoch, {trainer.total_iters} iterations, method {config.method_name(args)}, device "
              f"{args.device}" + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))

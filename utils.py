@@ -70,6 +70,12 @@ def save_figure(fig, path):
     os.replace(path + ".tmp.png", path)
 
 
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously): before and after a timed section."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def progress(iterable, total=None, desc=None):
     """A tqdm progress bar on an interactive terminal (process 0 only); the bare iterable otherwise."""
     from tqdm import tqdm

@@ -102,6 +102,11 @@ log_lines() {  # log_lines RUN_DIR: how many lines its log.txt has (0 without on
   if [ -f "$1/log.txt" ]; then wc -l < "$1/log.txt"; else echo 0; fi
 }
 
+stopped_since() {  # stopped_since RUN_DIR LINES: whether the log lines after the first LINES say a signal stopped the
+  # run (torchrun exits 1 when its processes stopped on a signal: their log says so)
+  tail -n +$(($2 + 1)) "$1/log.txt" 2>/dev/null | grep -q 'stopped by SIG'
+}
+
 run_isolated() {  # run_isolated OUT_DIR NAME COMMAND...: one run into OUT_DIR/logs/NAME.log; its outcome in NAME.status
   local out=$1 name=$2 rc=0 before
   shift 2
@@ -118,8 +123,7 @@ run_isolated() {  # run_isolated OUT_DIR NAME COMMAND...: one run into OUT_DIR/l
     echo finished
   elif [ $rc = $RUN_LOCKED_EXIT ]; then
     echo "running elsewhere: another process holds its folder"
-  elif [[ $rc =~ ^(130|138|143)$ ]] || tail -n +$((before + 1)) "$out/$name/log.txt" 2>/dev/null | grep -q 'stopped by SIG'
-  then  # torchrun exits 1 when its processes stopped on a signal: their log says so
+  elif [[ $rc =~ ^(130|138|143)$ ]] || stopped_since "$out/$name" "$before"; then
     echo "$STOPPED, exit $rc: it continues when rerun"
   else
     echo "failed, exit $rc"

@@ -66,7 +66,7 @@ def test_worst_case_counts_attacks_within_the_ball(projected):
         y = model(x).argmax(1)
     y[:8] = 1 - y[:8]
     argv = ["RUN", "--pgd", "10", "1", "--fgsm_sweep", "2", "12"] + ["--fgsm_sweep_projected"] * projected
-    result = evaluation.evaluate(model, x_u8, y, 4, evaluation.build_parser().parse_args(argv), n_classes=2)
+    result = evaluation.evaluate(model, x_u8, y, 4, evaluation.build_parser().parse_args(argv))
     exact = {r: linear_robust(model, x, y, r / 255).double().mean().item() for r in (2, 4, 12)}
     assert exact[12] < exact[4] < exact[2]
     assert result["pgd10_1_any_acc"] == pytest.approx(exact[4]) and result["fgsm_step2_acc"] == pytest.approx(exact[2])
@@ -74,7 +74,7 @@ def test_worst_case_counts_attacks_within_the_ball(projected):
     assert result["worst_case_acc"] == pytest.approx(exact[4])
     only_fgsm = evaluation.build_parser().parse_args(["RUN", "--pgd", "0", "0", "--fgsm_sweep", "12"])
     only_fgsm.pgd = None  # as prepare() reads "0 0"
-    assert "worst_case_acc" not in evaluation.evaluate(model, x_u8, y, 4, only_fgsm, n_classes=2)
+    assert "worst_case_acc" not in evaluation.evaluate(model, x_u8, y, 4, only_fgsm)
 
 
 def test_eval_command_line_on_a_finished_run(tmp_path, tiny_data, capsys):
