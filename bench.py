@@ -34,7 +34,7 @@ import utils
 from models import build_model
 
 AUTOGRAD_DOUBLE_BACKWARD = "--preset={} --bn_double_backward=autograd --conv_double_backward=autograd"
-METHODS = {  # name: train.py flags (presets from methods.PRESETS, see the README's Presets)
+METHODS = {  # name: train.py flags (presets from methods.PRESETS: docs/iteration.md#presets)
     "none": "--preset=standard",
     "FGSM": "--preset=fgsm",
     "FGSM+VFSAT": "--preset=vfsat",

@@ -20,6 +20,8 @@ import schedules
 import utils
 from models import INPUT_NORMALIZATIONS, MODELS, Normalize, build_model, configure_batchnorm, configure_conv
 
+LR_MAX = 0.2  # --lr_max's default, the original's, meant for the ResNets' SGD
+CNN_LR_MAX = 0.003  # the --lr_max of the original's CNN scripts (Adam)
 CHECKPOINT = "checkpoint.pt"
 SAVED_MODELS = ("last", "early_stopped", "best_test")  # the weights a finished run's checkpoint holds
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -57,7 +59,7 @@ def expand_presets(argv):
             name = tok.partition("=")[2] if "=" in tok else next(tokens, "")
             if name not in methods.PRESETS:
                 raise UsageError(f"--preset={name!r}: choose one of {', '.join(methods.PRESETS)}")
-            out += [f"--preset={name}", *shlex.split(methods.PRESETS[name])]
+            out += [f"--preset={name}", *shlex.split(methods.PRESETS[name].flags)]
         else:
             out.append(tok)
     return out
@@ -81,11 +83,11 @@ def build_parser(description=None):
       "instead of the initialisation (the schedules start afresh)")
     g = p.add_argument_group("training").add_argument
     g("--preset", default=None, metavar="NAME", help=f"a method's flags by name (one of {', '.join(methods.PRESETS)}; "
-      "README: Presets); flags after it override them")
+      "docs/iteration.md#presets); flags after it override them")
     g("--epochs", "--epoch", dest="epochs", type=int, default=30, help="training epochs (after the original's "
       "step-less epoch 0)")
     g("--batch_size", type=int, default=128, help="global training batch (images), split over processes")
-    g("--lr_max", type=float, default=0.2, help="peak learning rate")
+    g("--lr_max", type=float, default=LR_MAX, help="peak learning rate")
     g("--lr_schedule", default="cyclic", help=f"one of {', '.join(schedules.LR_SCHEDULES)}; set every iteration")
     g("--weight_decay", type=float, default=5e-4, help="SGD (momentum 0.9) for ResNets, Adam for cnn")
     g("--weight_clip", action="store_true", help="the original's weight clipping after each step (weights >= 0.2 "
@@ -333,14 +335,28 @@ def args_to_dict(args):
             for k, v in vars(args).items()}
 
 
+def why_no_checkpoint(run_dir):
+    """What a run directory without its checkpoint tells of why, and what to do."""
+    try:
+        rows = utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    except (OSError, ValueError):
+        rows = []
+    if any(r.get("kind") == "final" for r in rows):
+        return (f"the run finished, so its {CHECKPOINT} was deleted or moved: put it back; weights saved elsewhere "
+                "are read by eval.py --weights FILE")
+    if not os.path.exists(os.path.join(run_dir, "args.json")):
+        return "not a run directory written by train.py"
+    return "the run stopped before its first epoch ended: start it again"
+
+
 def load_checkpoint(path, flag="--resume"):
     """A checkpoint written by train.py, from its run directory (or the file itself)."""
     ckpt = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
     try:
         return torch.load(ckpt, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f"{flag}={path!r}: no {CHECKPOINT} there (the run stopped before its first epoch "
-                         "ended: start it again)") from None
+        raise UsageError(f"{flag}={path!r}: no {CHECKPOINT} there ({why_no_checkpoint(os.path.dirname(ckpt))})") \
+            from None
     except Exception as err:  # truncated, corrupt, or not a checkpoint
         raise UsageError(f"{flag}={path!r}: {ckpt} is unreadable ({type(err).__name__}); it was not written "
                          "by train.py or is damaged") from None

@@ -339,7 +339,12 @@ def _download(dataset, spec, root):
 def _read_cifar10(root):
     """CIFAR-10 from an image folder (interleaved by class) when root has that layout, else the python files."""
     if has_image_folder_layout(root):
-        return interleave_classes(_load_image_folder(root))
+        data = _load_image_folder(root)
+        if tuple(data.classes) != CIFAR_CLASSES:  # a folder of some classes would train a smaller task unnoticed
+            raise DataError(f"{root}/train holds the class folders {', '.join(data.classes)}, not CIFAR-10's ten "
+                            f"({', '.join(CIFAR_CLASSES)}): give the full dataset, or --dataset=imagefolder "
+                            "for other classes")
+        return interleave_classes(data)
     return _load_cifar10_python(root)
 
 

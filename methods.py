@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -328,21 +329,30 @@ class GraphedSteps:
 
 # ---------------------------------------------------------------- presets
 
+class Preset(NamedTuple):
+    flags: str  # what --preset NAME stands for, in its place on the command line
+    what: str  # the method, for docs/iteration.md's table (markdown)
+
+
 FGSM = "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0"  # FGSM as the paper's scripts run it
 PRESETS = {  # --preset NAME: these flags in its place (flags after it override them); eps, schedule etc. apart
-    "standard": "--attack=none",  # no attack (the original's extra gradient at x is still taken)
-    "fgsm": FGSM,  # FGSM-AT from a zero start, step eps
-    "fgsm_rs": "--attack=fgsm --attack_init=random --fgsm_alpha=1.25",  # FGSM-RS ("Fast is better than free")
-    "vfsat": f"{FGSM} --discrete_eps",  # the paper's VFSAT
-    "gradsum": f"{FGSM} --grad_input_sum_coeff=10",  # the paper's GradSum, its lambda for CIFAR-10
-    "gradalign": f"{FGSM} --grad_align_cos_lambda=0.2",  # GradAlign, its paper's lambda at eps 8
-    "pgd": "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=2",  # PGD-10 AT, step 2/255
-    "free": f"{FGSM} --minibatch_replay=8",  # Free-AT (m = 8) as the original's loop runs it
+    "standard": Preset("--attack=none", "no attack (the original's extra gradient at x is still taken)"),
+    "fgsm": Preset(FGSM, "FGSM-AT as the paper's scripts run it"),
+    "fgsm_rs": Preset("--attack=fgsm --attack_init=random --fgsm_alpha=1.25", 'FGSM-RS ("Fast is better than free")'),
+    "vfsat": Preset(f"{FGSM} --discrete_eps", "the paper's VFSAT"),
+    "gradsum": Preset(f"{FGSM} --grad_input_sum_coeff=10", "the paper's GradSum, its λ for CIFAR-10"),
+    "gradalign": Preset(f"{FGSM} --grad_align_cos_lambda=0.2", "GradAlign, its paper's λ at eps 8 (the original's "
+                        "results file used 20 and 24: `sh/cifar10_table.tsv`)"),
+    "pgd": Preset("--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=2",
+                  "PGD-10 training, step 2/255"),
+    "free": Preset(f"{FGSM} --minibatch_replay=8", "Free-AT (m = 8) as the original's loop runs it"),
     # peers, with their papers' defaults at eps 8 (ELLE's lambda grows with eps: sh/cifar10_table.tsv)
-    "n_fgsm": "--attack=n_fgsm --fgsm_alpha=1.0 --n_fgsm_noise=2 --n_fgsm_clip=0",  # N-FGSM: noise 2 eps, step eps
-    "elle": f"{FGSM} --elle_lambda=1000",  # ELLE, its CIFAR-10 lambda up to eps 8
-    "elle_a": f"{FGSM} --elle_lambda=4000 --elle_adaptive",  # ELLE-A: lambda up to 4000, decay 0.99, 2 std
-    "gradsum_fd": f"{FGSM} --grad_input_sum_fd_coeff=10",  # GradSum's lambda, its norm by a finite difference
+    "n_fgsm": Preset("--attack=n_fgsm --fgsm_alpha=1.0 --n_fgsm_noise=2 --n_fgsm_clip=0",
+                     "N-FGSM: noise 2 eps, step eps, no projection ([peers.md](peers.md))"),
+    "elle": Preset(f"{FGSM} --elle_lambda=1000", "ELLE, its λ up to eps 8 (5000 from 10 to 20)"),
+    "elle_a": Preset(f"{FGSM} --elle_lambda=4000 --elle_adaptive", "ELLE-A: adaptive λ up to 4000"),
+    "gradsum_fd": Preset(f"{FGSM} --grad_input_sum_fd_coeff=10",
+                         "GradSum's λ, its norm by a finite difference (no double backprop)"),
 }
 
 

@@ -14,10 +14,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
 import sys
+import textwrap
 from typing import NamedTuple
 
 import config
@@ -46,8 +48,12 @@ class Run(NamedTuple):
     wall_s: float | None
 
 
+CNN_FLAGS = frozenset({"n_filters_cnn", "n_layers"})  # read by --model=cnn alone
+
+
 def computational_flags(args):
-    return {k: v for k, v in config.args_to_dict(args).items() if k not in config.NOT_COMPUTATIONAL | {"seed"}}
+    unused = config.NOT_COMPUTATIONAL | {"seed"} | (CNN_FLAGS if args.model != "cnn" else frozenset())
+    return {k: v for k, v in config.args_to_dict(args).items() if k not in unused}
 
 
 def load_run(run_dir):
@@ -76,6 +82,9 @@ CURVES = (("test_clean_acc", "clean (test)", "tab:blue", "-"), ("test_fgsm_acc",
           ("test_pgd_acc", "PGD (test)", "tab:red", "-"), ("train_pgd_acc", "PGD (train)", "tab:red", ":"))
 
 
+TITLE_CHARS = 90  # characters per line of a plot title at its font size and the figure's width
+
+
 def plot_curves(run_dirs, path, title):
     """Accuracy curves averaged over the runs (seeds), with learning rate and training eps beneath, as PNG."""
     plt = utils.pyplot()
@@ -94,7 +103,8 @@ def plot_curves(run_dirs, path, title):
     top.set_ylabel("accuracy (%)")
     top.set_ylim(0, 100)
     top.legend(loc="upper left", fontsize=8)
-    top.set_title(f"{title} ({len(runs)} run{'s' * (len(runs) > 1)})", fontsize=10)
+    title = f"{title} ({len(runs)} run{'s' * (len(runs) > 1)})"
+    top.set_title("\n".join(textwrap.wrap(title, TITLE_CHARS)), fontsize=10)  # long flags would clip
     bottom.plot(iters, mean("lr"), color="black")
     bottom.set_ylabel("learning rate")
     bottom.set_xlabel("iteration")
@@ -215,16 +225,26 @@ def telling_apart(groups):
     dataset, model, eps and the method's own flags; '-' where none."""
     keys = list(groups)
     flags = {key: groups[key][0].flags for key in keys}
-    varying = sorted(k for k in set().union(*flags.values()) if k not in SHOWN_FLAGS
-                     and len({json.dumps(f.get(k)) for f in flags.values()}) > 1)
+    varying = sorted(k for k in set().union(*flags.values()) if k not in SHOWN_FLAGS  # among the groups it applies to
+                     and len({json.dumps(f.get(k)) for f in flags.values() if k in f}) > 1)
     data_varies = len({key[1] for key in keys}) > 1
     out = {}
     for key in keys:
-        parts = [f"{k}={flags[key].get(k)}" for k in varying]
+        parts = [f"{k}={flags[key][k]}" for k in varying if k in flags[key]]
         if data_varies:
-            parts.append(f"data={(key[1] or 'unrecorded').rsplit(' ', 1)[-1]}")
+            parts.append(f"data={data_label(key[1])}")
         out[key] = ", ".join(parts) or "-"
     return out
+
+
+def data_label(fingerprint):
+    """'50000+10000 images, sha1 0123456789ab' from a fingerprint: the sizes too, since a slice (--n_train) keeps
+    the first images and so their hash."""
+    if fingerprint is None:
+        return "unrecorded"
+    sizes = re.match(r"(\d+) train \+ (\d+) test images", fingerprint)
+    sha = fingerprint.rsplit(" ", 1)[-1]
+    return f"{sizes[1]}+{sizes[2]} images, sha1 {sha}" if sizes else sha
 
 
 def group_name(run, apart):
@@ -430,6 +450,9 @@ def write_plots(run_dirs, folder, allow_duplicate_seeds=False):
         path = os.path.join(folder, name + ".png")
         if plot_curves(dirs, path, title):
             print(f"plot: {path}")
+        else:
+            print(f"report.py: no curves for {name}: {', '.join(dirs)} logged no periodic evaluation "
+                  "(train.py --eval_iter_freq sets how often one runs)", file=sys.stderr)
     if last_sweeps:
         path = os.path.join(folder, "fgsm_sweep.png")
         plot_fgsm_sweeps(last_sweeps, eps, path, "FGSM step sweep, last models")

@@ -3,7 +3,7 @@
     python train.py --attack=fgsm --attack_init=zero --eps=8 --grad_input_sum_coeff=10 --data_dir=DIR ...
 
 By default every flag combination computes what the paper's code computes (its network, initialisation,
-evaluation protocol and schedules); see the README's "Differences from the original code".
+evaluation protocol and schedules); every difference, and the flag that gives it: docs/differences.md.
 Every pixel-valued flag (eps, step sizes) is in pixels/255; images are in [0, 1].
 """
 import gc
@@ -401,6 +401,10 @@ def notes(args):
                    "without carrying a perturbation, as in the original (Free-AT needs --attack=fgsm)")
     if args.mast and args.attack != "fgsm":
         out.append(f"--mast has no effect with --attack={args.attack}, as in the original (it is an FGSM step)")
+    if args.model == "cnn" and args.lr_max == config.LR_MAX:
+        out.append(f"--model=cnn with the default --lr_max={config.LR_MAX:g} (the original's, for the ResNets' SGD): "
+                   f"Adam at this rate usually ends as a constant classifier; the original's CNN scripts and "
+                   f"sh/cpu_experiment.sh use --lr_max={config.CNN_LR_MAX:g}")
     return out
 
 

@@ -199,12 +199,24 @@ def git_state(folder):
         return None, None
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"
+
+
 def provenance(device, argv):
-    """What produced a run: the code's commit, the software and device, the command line."""
+    """What produced a run: the code's commit, the software and device, the command line, and what makes CPU
+    arithmetic differ between machines (the same code rounds differently with other kernels or thread counts)."""
     commit, dirty = git_state(os.path.dirname(os.path.abspath(__file__)))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "device": name, "command": [sys.argv[0], *argv]}
+            "python": platform.python_version(), "device": name, "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
+            "command": [sys.argv[0], *argv]}
 
 
 def dist_env():

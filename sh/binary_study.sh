@@ -8,12 +8,15 @@
 # Usage: bash sh/binary_study.sh DATA_DIR [OUT_DIR]
 #   DATA_DIR  CIFAR-10 (image-folder layout or torchvision's python version), e.g. ../shared/data/cifar10-jpeg
 #   OUT_DIR   parent of the run directories (default runs/binary_study); a finished run is kept, an interrupted one continues
+# Environment: THREADS (default 2, torch's own default on the 2-core machines that printed docs/analysis.md) CPU
+# threads, PYTHON (default python).
 set -euo pipefail
 . "$(dirname "$0")/lib.bash"
 help_or_args 1 2 "$@"
 DATA_DIR=$(absolute "$1")
 OUT_DIR=$(absolute "${2:-runs/binary_study}")
 PYTHON=${PYTHON:-python}
+pin_threads 2
 cd "$(dirname "$0")/.."
 
 COMMON=(--dataset=cifar10_binary --data_dir="$DATA_DIR" --out_dir="$OUT_DIR" --device=cpu --seed=0
@@ -23,7 +26,7 @@ run_dir="$OUT_DIR/fgsm"
 if finished "$run_dir"; then
   echo "= $run_dir: trained already"
 else
-  cmd=("$PYTHON" train.py "${COMMON[@]}" --preset=fgsm --run_name=fgsm --resume_existing)  # presets: README, Presets
+  cmd=("$PYTHON" train.py "${COMMON[@]}" --preset=fgsm --run_name=fgsm --resume_existing)  # presets: docs/iteration.md#presets
   echo "+ ${cmd[*]}"
   "${cmd[@]}"
 fi

@@ -23,6 +23,14 @@ help_or_args() {  # help_or_args MIN MAX "$@": --help prints the usage (exit 0);
   [ $# -ge "$min" ] && [ $# -le "$max" ] || usage_error "expected $min to $max arguments, got $#"
 }
 
+pin_threads() {  # pin_threads DEFAULT: THREADS (else DEFAULT) CPU threads a run (exported as OMP_NUM_THREADS, which
+  # train.py records in args.json: a CPU gives the same numbers for the same count), and CORES, this machine's cores
+  THREADS=${THREADS:-$1}
+  [[ $THREADS =~ ^[1-9][0-9]*$ ]] || usage_error "THREADS=$THREADS: a positive whole number"
+  CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys both
+  export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+}
+
 absolute() {  # a path made absolute (from the caller's folder, before the script changes it)
   realpath -m -- "$1"
 }

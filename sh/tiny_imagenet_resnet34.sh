@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 EPS=8
 SEEDS=(0 1998 2022)
-declare -A METHODS=(  # presets: README, Presets
+declare -A METHODS=(  # presets: docs/iteration.md#presets
   [fgsm]="--preset=fgsm"
   [vfsat]="--preset=vfsat"
   [gradsum]="--preset=gradsum"

@@ -39,7 +39,7 @@ same_metrics() { cmp -s "$1/metrics.jsonl" "$2/metrics.jsonl"; }
 
 step "tiny data"
 "$REAL_PYTHON" -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \
-make_image_folder('$WORK/data', n_train_per_class=640, n_test_per_class=32, size=32)"
+make_image_folder('$WORK/data', n_train_per_class=192, n_test_per_class=10, size=32)"
 cat > "$WORK/python" <<EOF
 #!/usr/bin/env bash
 # the project's python, except that the run named in FAIL_ONCE fails on its first attempt

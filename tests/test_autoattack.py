@@ -14,11 +14,12 @@ from test_train import TINY_RUN
 
 import autoattack_eval
 import config
+import data
 import eval as evaluation
 import evaluation as ev
 import train
 
-TEN = tuple(f"c{i}" for i in range(10))  # the standard version's targeted attacks want 9 other classes
+TEN = data.CIFAR_CLASSES  # the standard version's targeted attacks want 9 other classes; --dataset=cifar10 its names
 
 
 def test_autoattack_equals_the_linear_closed_form_and_pgd_is_never_below_it():

@@ -14,18 +14,18 @@ import data
 def test_image_folder_loads_images_labels_and_classes(tiny_data):
     ds = data.load_data("imagefolder", tiny_data)
     assert ds.classes == TINY_CLASSES
-    assert ds.train_x.shape == (48, 3, 8, 8) and ds.train_x.dtype == torch.uint8
-    assert ds.test_x.shape == (24, 3, 8, 8)
-    assert ds.train_y.tolist() == [0] * 16 + [1] * 16 + [2] * 16
-    expected = np.array(Image.open(os.path.join(tiny_data, "train", "dog", "0003.png")))  # label 1, 4th image
-    assert torch.equal(ds.train_x[16 + 3].permute(1, 2, 0), torch.from_numpy(expected))
+    assert ds.train_x.shape == (50, 3, 8, 8) and ds.train_x.dtype == torch.uint8
+    assert ds.test_x.shape == (30, 3, 8, 8)
+    assert ds.train_y.tolist() == [label for label in range(10) for _ in range(5)]
+    expected = np.array(Image.open(os.path.join(tiny_data, "train", "automobile", "0003.png")))  # label 1, 4th image
+    assert torch.equal(ds.train_x[5 + 3].permute(1, 2, 0), torch.from_numpy(expected))
 
 
 def test_cifar10_image_folder_interleaves_classes_so_the_first_points_cover_all(tiny_data):
     """The original evaluates the first N points of the official files, where classes are mixed."""
     folder, ds = data.load_data("imagefolder", tiny_data), data.load_data("cifar10", tiny_data)
-    assert ds.test_y.tolist() == [0, 1, 2] * 8 and ds.train_y.tolist() == [0, 1, 2] * 16
-    assert torch.equal(ds.train_x[3 * 3 + 1], folder.train_x[16 + 3])  # 4th image of class 1
+    assert ds.test_y.tolist() == list(range(10)) * 3 and ds.train_y.tolist() == list(range(10)) * 5
+    assert torch.equal(ds.train_x[3 * 10 + 1], folder.train_x[5 + 3])  # 4th image of class 1
     assert torch.equal(ds.test_x.sum(0), folder.test_x.sum(0))  # a permutation: the same images
 
 
@@ -44,10 +44,28 @@ def test_decoded_split_is_cached_and_invalidated(tiny_data):
     cached = data.read_image_folder(os.path.join(tiny_data, "test"))
     assert torch.equal(first[0], cached[0]) and torch.equal(first[1], cached[1]) and cached[2] == first[2]
     new_image = torch.full((3, 8, 8), 7, dtype=torch.uint8)
-    save_png(new_image, os.path.join(tiny_data, "test", "cat", "0000.png"))
-    os.utime(os.path.join(tiny_data, "test", "cat", "0000.png"), ns=(1, 1))  # even with an old timestamp
+    save_png(new_image, os.path.join(tiny_data, "test", "airplane", "0000.png"))
+    os.utime(os.path.join(tiny_data, "test", "airplane", "0000.png"), ns=(1, 1))  # even with an old timestamp
     again = data.read_image_folder(os.path.join(tiny_data, "test"))
     assert torch.equal(again[0][0], new_image) and torch.equal(again[0][1:], first[0][1:])
+
+
+def test_cifar10_folder_must_hold_cifar10s_ten_classes(tmp_path, capsys):
+    """A folder of some classes would train and report a smaller task as CIFAR-10; --dataset=imagefolder reads it."""
+    from conftest import make_image_folder
+    root = make_image_folder(str(tmp_path / "d"), n_train_per_class=2, n_test_per_class=1, classes=("cat",))
+    with pytest.raises(data.DataError, match=r"holds the class folders cat, not CIFAR-10's ten .*dataset=imagefolder"):
+        data.load_data("cifar10", root)
+    assert data.load_data("imagefolder", root).classes == ("cat",)
+    import train
+    assert train.main([f"--data_dir={root}", f"--out_dir={tmp_path / 'runs'}", "--device=cpu"]) == 2
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+    nine = make_image_folder(str(tmp_path / "nine"), n_train_per_class=1, n_test_per_class=1,
+                             classes=data.CIFAR_CLASSES[:9] + ("lorry",))
+    with pytest.raises(data.DataError, match="lorry"):
+        data.load_data("cifar10", nine)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "holds the class folders cat" in line
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

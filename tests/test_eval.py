@@ -103,6 +103,13 @@ def test_eval_command_line_on_a_finished_run(tmp_path, tiny_data, capsys):
     for single in singles:
         (key,) = [k for k in single["models"]["last"] if k.startswith("fgsm")]
         assert single["models"]["last"][key] == result["models"]["last"][key]
+    # a finished run whose checkpoint is gone: the advice is to put it back, not to train again
+    os.rename(tmp_path / "run" / "checkpoint.pt", tmp_path / "moved.pt")
+    capsys.readouterr()
+    assert evaluation.main([str(tmp_path / "run"), "--device", "cpu"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "the run finished, so its checkpoint.pt was deleted or moved: put it back" in err
+    assert "start it again" not in err and "eval.py --weights" in err
 
 
 def test_eval_refuses_bad_input_with_one_line(tmp_path, capsys):
@@ -118,7 +125,7 @@ def test_train_and_eval_under_one_protocol_give_the_same_numbers_and_other_proto
     """train.py's final PGD (step eps/4) and eval.py's with the same step, points and batches score each model
     alike (the same seeded starts); eval.py's default step (1/255, the original eval.py's) is labelled apart."""
     argv = shlex.split(f"{TINY_RUN} --attack=fgsm --eps=8 --data_dir={tiny_data} --out_dir={tmp_path} "
-                       "--run_name=run --final_attack_iters=4 --final_n_restarts=3 --lr_max=0.05 --epochs=4 "
+                       "--run_name=run --final_attack_iters=4 --final_n_restarts=3 --lr_max=0.05 --epochs=8 "
                        "--n_final_eval=24")
     assert train.main(argv) == 0
     finals = {r["model"]: r for r in utils.read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "final"}
@@ -143,7 +150,8 @@ def test_train_and_eval_under_one_protocol_give_the_same_numbers_and_other_proto
 
 def test_models_kept_at_one_iteration_are_evaluated_once_with_identical_numbers(tmp_path, tiny_data, monkeypatch):
     import evaluation as shared
-    argv = shlex.split(f"{TINY_RUN} --attack=fgsm --data_dir={tiny_data} --out_dir={tmp_path} --run_name=run")
+    argv = shlex.split(f"{TINY_RUN} --attack=fgsm --data_dir={tiny_data} --out_dir={tmp_path} --run_name=run "
+                       "--epochs=1 --eval_iter_freq=2")  # one periodic evaluation (iteration 2 of 3): one kept model
     evaluated, original = [], shared.final_stats
     monkeypatch.setattr(shared, "final_stats", lambda model, *a, **kw: evaluated.append(1) or original(model, *a,
                                                                                                         **kw))

@@ -160,11 +160,48 @@ def test_the_same_seed_twice_is_refused_with_one_line_unless_allowed(tmp_path, c
 
 
 def test_runs_on_data_of_other_fingerprints_are_never_pooled(tmp_path):
-    data = lambda fp: {"_data": {"fingerprint": f"48 train + 24 test images, sha1 {fp}"}}  # noqa: E731
-    runs = [make_run(tmp_path, f"r{i}", {}, i, {"last": (0.8, 0.6, 0.4)}, extras=data(fp))
-            for i, fp in enumerate(("aaaa", "aaaa", "bbbb"))]
+    data = lambda n, fp: {"_data": {"fingerprint": f"{n} train + 24 test images, sha1 {fp}"}}  # noqa: E731
+    runs = [make_run(tmp_path, f"r{i}", {}, i, {"last": (0.8, 0.6, 0.4)}, extras=data(n, fp))
+            for i, (n, fp) in enumerate(((48, "aaaa"), (48, "aaaa"), (48, "bbbb"), (1000, "bbbb")))]
     rows = [line.split(" | ") for line in report.table(runs).splitlines() if "| fgsm |" in line]
-    assert sorted((r[4], r[5]) for r in rows) == [("data=aaaa", "2"), ("data=bbbb", "1")]
+    # a smaller copy of the same data has the same first images, hence hash: the sizes tell it apart
+    assert sorted((r[4], r[5]) for r in rows) == [
+        ("data=1000+24 images, sha1 bbbb", "1"), ("data=48+24 images, sha1 aaaa", "2"),
+        ("data=48+24 images, sha1 bbbb", "1")]
+
+
+def test_cnn_only_flags_neither_split_nor_label_resnet_rows(tmp_path):
+    last = {"last": (0.8, 0.6, 0.4)}
+    runs = [make_run(tmp_path, "r0", {"model": "resnet18", "n_filters_cnn": 16}, 0, last),
+            make_run(tmp_path, "r1", {"model": "resnet18", "n_filters_cnn": 6}, 1, last),
+            make_run(tmp_path, "c0", {"n_filters_cnn": 16}, 0, last),
+            make_run(tmp_path, "c1", {"n_filters_cnn": 6}, 0, last)]
+    rows = {tuple(c.strip() for c in line.split(" | ")[1:6]) for line in report.table(runs).splitlines()
+            if "| fgsm |" in line}
+    assert rows == {("resnet18", "fgsm", "8", "-", "2"), ("cnn", "fgsm", "8", "n_filters_cnn=16", "1"),
+                    ("cnn", "fgsm", "8", "n_filters_cnn=6", "1")}
+
+
+def test_long_plot_titles_wrap_inside_the_figure(tmp_path, monkeypatch):
+    import utils
+    saved = []
+    monkeypatch.setattr(utils, "save_figure", lambda fig, path: saved.append(fig))
+    run = make_run(tmp_path, "r0", {}, 0, {"last": (0.8, 0.6, 0.4)})
+    title = ", ".join(f"flag_number_{i}=value_{i}" for i in range(12))  # about 280 characters
+    assert report.plot_curves([run], str(tmp_path / "c.png"), title)
+    fig = saved[0]
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    box, figure = fig.axes[0].title.get_window_extent(renderer), fig.bbox
+    assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= figure.y1
+
+
+def test_a_group_without_periodic_evaluations_gets_a_message_not_a_silent_gap(tmp_path, capsys):
+    run = make_run(tmp_path, "r0", {}, 0, {"last": (0.8, 0.6, 0.4)}, periodic=0, pgd=[], fgsm=[])
+    assert report.main([run, "--plots", str(tmp_path / "plots")]) == 0
+    err = capsys.readouterr().err
+    assert f"no curves for cifar10-cnn-fgsm-eps8: {run} logged no periodic evaluation" in err
+    assert "--eval_iter_freq" in err and not os.listdir(tmp_path / "plots")
 
 
 def test_results_of_other_protocols_never_share_a_column(tmp_path):

@@ -312,7 +312,7 @@ def test_resume_from_another_folder_with_its_data_moved(tmp_path, tiny_data, mon
         assert train.main(args) == 128 + signal.SIGTERM
     saved = json.loads((tmp_path / "runs" / "moved" / "args.json").read_text())
     assert saved["data_dir"] == str(tiny_data) and saved["_data"]["data_dir_given"] == "data"
-    assert saved["_data"]["fingerprint"].startswith("48 train + 24 test images, sha1 ")
+    assert saved["_data"]["fingerprint"].startswith("50 train + 30 test images, sha1 ")
     moved = shutil.move(tiny_data, tmp_path / "elsewhere")
     other = make_image_folder(str(tmp_path / "other"), seed=1)
     monkeypatch.chdir(ROOT)

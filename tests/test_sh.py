@@ -212,10 +212,10 @@ def test_tiny_runs_every_script_on_a_cpu_in_minutes(tiny_data, tmp_path):
     assert "1 of 1 runs finished (1 now, 0 before)" in done.stdout  # one seed under TINY
     args = json.loads((tmp_path / "t" / "gradsum-eps8-seed0" / "args.json").read_text())
     assert (args["model"], args["epochs"], args["batch_size"], args["grad_input_sum_coeff"]) == ("cnn", 1, 16, 10)
-    done = run_script("cpu_experiment.sh", tiny_data, str(tmp_path / "c"), env={**env, "METHODS": "fgsm-vfsat"},
+    done = run_script("cpu_experiment.sh", tiny_data, str(tmp_path / "c"), env={**env, "METHODS": "vfsat"},
                       cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert json.loads((tmp_path / "c" / "fgsm-vfsat" / "args.json").read_text())["n_final_eval"] == 64
+    assert json.loads((tmp_path / "c" / "vfsat-seed0" / "args.json").read_text())["n_final_eval"] == 64
 
 
 def test_table_estimate_projects_every_row_and_the_table_on_its_queues(tiny_data, tmp_path):
@@ -233,16 +233,41 @@ def test_table_estimate_projects_every_row_and_the_table_on_its_queues(tiny_data
 
 def test_cpu_peers_runs_the_six_methods_and_writes_their_table(stand_in, tmp_path):
     env, calls = stand_in
-    out = tmp_path / "cpu"
+    out, env = tmp_path / "cpu", {**env, "SEEDS": ""}  # the original's one seed
     done = run_script("cpu_peers.sh", "data", str(out), env=env, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    names = [c.split("--run_name=")[1].split()[0] for c in train_calls(calls)]
-    assert names == ["fgsm", "fgsm-vfsat", "fgsm-gradsum", "n-fgsm", "elle", "gradsum-fd"]
+    names = sorted(c.split("--run_name=")[1].split()[0] for c in train_calls(calls))  # two at a time: any order
+    assert names == sorted(f"{m}-seed2022" for m in ("fgsm", "vfsat", "gradsum", "n-fgsm", "elle", "gradsum-fd"))
+    assert all("--n_filters_cnn=6 " in c and "--eps=10 " in c for c in train_calls(calls))  # the original's CNN
     table = (out / "peers.md").read_text()
     assert all(f"| {m} |" in table for m in ("nfgsm2", "fgsm-elle5000", "fgsm-gradsumfd20"))
     assert not (out / "table.md").exists() and (out / "plots_peers").is_dir()
     bad = run_script("cpu_experiment.sh", "data", str(out), env={**env, "METHODS": "fgsm pgd"}, cwd=ROOT)
     assert bad.returncode == 2 and "METHODS: pgd is not one of" in bad.stderr
+    for var, value in (("THREADS", "0"), ("JOBS", "two"), ("SEEDS", "0 x"), ("EXPERIMENT", "big")):
+        bad = run_script("cpu_experiment.sh", "data", str(out), env={**env, var: value}, cwd=ROOT)
+        assert bad.returncode == 2 and f"{var}" in bad.stderr.splitlines()[0], (var, bad.stderr)
+
+
+def test_cpu_experiment_runs_methods_times_seeds_at_the_thread_count_it_records(stand_in, tmp_path):
+    env, calls = stand_in
+    out = tmp_path / "cpu"
+    env = {**env, "SEEDS": "0 1", "METHODS": "fgsm gradsum-fd", "THREADS": "2", "JOBS": "2"}
+    done = run_script("cpu_experiment.sh", "data", str(out), env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = sorted(f"{m}-seed{s}" for m in ("fgsm", "gradsum-fd") for s in (0, 1))
+    assert sorted(c.split("--run_name=")[1].split()[0] for c in train_calls(calls)) == runs
+    for run in runs:
+        args = json.loads((out / run / "args.json").read_text())
+        assert args["seed"] == int(run[-1]) and args["_provenance"]["cpu_threads"] == 2  # THREADS reached torch
+        assert (args["n_filters_cnn"], args["eps"], args["lr_max"], args["attack_init"]) == (4, 4, 0.01, "zero")
+        assert f"= {run}: exit 0 (log: {out}/logs/{run}.log)" in done.stdout and (out / "logs" / f"{run}.log").exists()
+    assert "--n_filters_cnn=8 --lr_max=0.003 --n_train=10000 --eps=16 --epochs=12" in train_calls(calls)[0]
+    table = (out / "table.md").read_text()
+    assert "| fgsm |" in table and "| fgsm-gradsumfd10 |" in table and "| 2 |" in table
+    calls.write_text("")
+    again = run_script("cpu_experiment.sh", "data", str(out), env=env, cwd=ROOT)
+    assert again.returncode == 0 and not train_calls(calls) and again.stdout.count("finished already") == 4
 
 
 SLURM_STAND_IN = """#!/usr/bin/env bash
