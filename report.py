@@ -238,8 +238,8 @@ def telling_apart(groups):
 
 
 def data_label(fingerprint):
-    """'50000+10000 images, sha1 0123456789ab' from a fingerprint: the sizes too, since a slice (--n_train) keeps
-    the first images and so their hash."""
+    """'50000+10000 images, sha1 0123456789ab' from a fingerprint: the sizes too, since a smaller copy of the same
+    data starts with the same images, which are what the hash covers."""
     if fingerprint is None:
         return "unrecorded"
     sizes = re.match(r"(\d+) train \+ (\d+) test images", fingerprint)

@@ -212,9 +212,10 @@ def provenance(device, argv):
     """What produced a run: the code's commit, the software and device, the command line, and what makes CPU
     arithmetic differ between machines (the same code rounds differently with other kernels or thread counts)."""
     commit, dirty = git_state(os.path.dirname(os.path.abspath(__file__)))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    cpu = cpu_model()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "device": name, "cpu": cpu_model(),
+            "python": platform.python_version(), "device": name, "cpu": cpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
             "command": [sys.argv[0], *argv]}
 
