@@ -59,7 +59,7 @@ declare -A METHOD_FLAGS=(  # presets: docs/iteration.md#presets
   [elle]="--preset=elle --elle_lambda=5000"  # ELLE's scripts: lambda 5000 from eps 10 to 20
 )
 read -r -a NAMES <<< "${METHODS:-$DEFAULT_METHODS}"
-read -r -a RUN_SEEDS <<< "${SEEDS:-$([ "${TINY:-0}" = 1 ] && echo 0 || echo "$DEFAULT_SEEDS")}"
+read -r -a RUN_SEEDS <<< "$(table_seeds "$DEFAULT_SEEDS")"
 for name in "${NAMES[@]}"; do
   [ -n "${METHOD_FLAGS[$name]:-}" ] || usage_error "METHODS: $name is not one of ${!METHOD_FLAGS[*]}"
 done

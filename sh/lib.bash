@@ -55,8 +55,8 @@ table_eps() {  # the eps values that the table has rows for
   awk -F'\t' '!/^#/ && $1 != "*" {print $1}' "$TABLE" | sort -nu | tr '\n' ' '
 }
 
-table_seeds() {  # SEEDS, by default the paper's three (one under TINY=1)
-  if [ -n "${SEEDS:-}" ]; then echo "$SEEDS"; elif [ "${TINY:-0}" = 1 ]; then echo 0; else echo 0 1998 2022; fi
+table_seeds() {  # table_seeds [DEFAULT]: SEEDS, else DEFAULT (the paper's three when none), one under TINY=1
+  if [ -n "${SEEDS:-}" ]; then echo "$SEEDS"; elif [ "${TINY:-0}" = 1 ]; then echo 0; else echo "${1:-0 1998 2022}"; fi
 }
 
 # TINY=1: every run of a script shrunk to a smoke test of minutes on a CPU (a 4-filter CNN, one epoch of 512

@@ -56,8 +56,8 @@ def test_the_presets_table_is_methods_presets():
         assert f"| `{name}` |" in table
         resolved = config.build_parser().parse_args([f"--preset={name}"])
         shown = table.split(f"| `{name}` | ")[1].split(" | ")[0].replace("`fgsm` + ", make_flags.methods.FGSM + " ")
-        assert config.build_parser().parse_args(shown.replace("`", "").split()) == resolved.__class__(
-            **{**vars(resolved), "preset": None})  # the flags shown are what the preset stands for
+        shown_args = config.build_parser().parse_args(shown.replace("`", "").split())
+        assert vars(shown_args) == {**vars(resolved), "preset": None}  # the flags shown are what the preset stands for
 
 
 def test_make_flags_help_prints_help_and_writes_nothing(capsys, monkeypatch):
