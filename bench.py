@@ -30,6 +30,8 @@ import config
 import data
 import evaluation
 import methods
+import models
+import runs
 import utils
 from models import build_model
 
@@ -79,7 +81,7 @@ def radii(eps):
 def time_iterations(model, setup, x, y, eps, n_iters):
     """Seconds per training iteration, over n_iters iterations."""
     step, args = setup
-    config.configure_double_backward(model, args)
+    models.configure_double_backward(model, args, methods.uses_double_backprop(args))
     utils.sync(x.device)
     start = time.perf_counter()
     for _ in range(n_iters):
@@ -131,11 +133,9 @@ def count_operators(model, x, y, eps, base_flags, device, presets):
 
 
 def training_setup(model, args):
-    """(the training iteration as a function of x, y and the radii, args), as train.py builds it."""
-    parts = methods.build_optimizer(model, args), methods.grad_scaler(args), methods.autocast_context(args)
-    if args.cuda_graph:
-        return methods.GraphedSteps(model, *parts, args), args
-    return (lambda x, y, r: methods.train_step(model, *parts, x, y, r, args)), args
+    """(the training iteration as a function of x, y and the radii, args): train.py's TrainingStep, from the same
+    StepSettings."""
+    return methods.TrainingStep(model, methods.StepSettings.from_flags(args), args.device), args
 
 
 def profile_method(model, x, y, eps, args, n_rows=25):
@@ -217,10 +217,10 @@ def load_inputs(opts, device):
     random weights and images."""
     n = max(opts.batch_size, opts.eval_points)
     if opts.run:
-        run = config.load_args(opts.run)
+        run = runs.load_args(opts.run)
         dataset = data.load_data(run.dataset, run.data_dir)
-        model = config.model_from_args(run, dataset)
-        model.load_state_dict(config.load_checkpoint(opts.run, "--run")["model"])
+        model = models.model_from_args(run, dataset, methods.uses_double_backprop(run))
+        model.load_state_dict(runs.load_checkpoint(opts.run, "--run")["model"])
         idx = evaluation.first_points(len(dataset.test_y), n)
         x_u8, y = dataset.test_x[idx], dataset.test_y[idx]
         base = f"--model={run.model} --n_layers={run.n_layers} --n_filters_cnn={run.n_filters_cnn} --eps={run.eps:g}"
@@ -308,10 +308,12 @@ def print_periodic_eval(model, x_u8, y, eps, times, opts, base, device):
     if opts.cuda_graph:
         variants["--cuda_graph"] = (evaluation.GraphedRestarts(model), eval_args)
     # under fp16, the evaluation's gradients at the scaler's initial loss scale
-    precision = methods.autocast_context(eval_args), methods.current_loss_scale(methods.grad_scaler(eval_args))
+    settings = methods.StepSettings.from_flags(eval_args)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.loss_scaling)
+    precision = methods.autocast_context(settings, device), scaler.get_scale() if scaler.is_enabled() else None
     eval_s = {}
     for name, (restart, args) in variants.items():
-        (first, _), (eval_s[name], row) = (time_periodic_eval(model, eval_sets, eps, args, restart, *precision)
+        (first, _), (eval_s[name], row) = (time_periodic_eval(model, eval_sets, args, restart, *precision)
                                            for _ in range(2))
         print(f"  {name:>12}: {first:.2f}, {eval_s[name]:.2f} (test clean {100 * row['test_clean_acc']:.2f}%, PGD "
               f"{100 * row['test_pgd_acc']:.2f}%; training PGD {100 * row['train_pgd_acc']:.2f}%)")
@@ -324,13 +326,14 @@ def print_periodic_eval(model, x_u8, y, eps, times, opts, base, device):
         print(f"  {name:>24}: {100 * steady / (steady + README_EVAL['eval_iter_freq'] * t):.1f}%")
 
 
-def time_periodic_eval(model, eval_sets, eps, args, restart, autocast=None, loss_scale=None):
+def time_periodic_eval(model, eval_sets, args, restart, autocast=None, loss_scale=None):
     """(seconds, metrics row) of one periodic evaluation, its random starts seeded (comparable across calls)."""
     device = eval_sets["test"][0].device
     torch.manual_seed(0)
     utils.sync(device)
+    protocol = evaluation.Protocol.from_flags(args)
     start = time.perf_counter()
-    row = evaluation.periodic_eval(model, eval_sets, eps, args, restart, autocast, loss_scale)
+    row = evaluation.periodic_eval(model, eval_sets, protocol, restart, autocast, loss_scale)
     utils.sync(device)
     return time.perf_counter() - start, row
 
@@ -377,7 +380,7 @@ def main(argv=None):
               f"{config.build_parser().get_default('grad_input_sum_fd_step')}/255):")
         print("| step (pixels/255 RMS) | value: relative error | parameter gradient: relative error | cosine |\n"
               "|---|---|---|---|")
-        config.configure_double_backward(model, method_args("--preset=gradsum", base, device))  # exact GradSum's
+        models.configure_double_backward(model, method_args("--preset=gradsum", base, device), True)  # exact GradSum's
         for px, (value, grad, cos) in fd_errors(*batch).items():
             print(f"| {px:g} | {value:.1e} | {grad:.2f} | {cos:.3f} |")
         model.load_state_dict(state)  # its forward passes moved BatchNorm's running statistics

@@ -1,15 +1,15 @@
-"""train.py's flags, their checks, the run name, and the loader of a saved run's arguments.
+"""train.py's flags, their checks, the run name, and the notes on the original's quirks they reproduce.
 
 Defaults are the original code's (github CharlesJames13586/Improving-Single-Step-Adversarial-Training-By-Local-
 Smoothing at 9b877ea); the `--fix_*` flags correct what is plainly a bug there, and the other extra flags are
 options that are off by default. Every pixel-valued flag is in pixels/255; images are in [0, 1].
 """
 import argparse
-import json
 import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,12 +18,10 @@ import data
 import methods
 import schedules
 import utils
-from models import INPUT_NORMALIZATIONS, MODELS, Normalize, build_model, configure_batchnorm, configure_conv
+from models import INPUT_NORMALIZATIONS, MODELS
 
 LR_MAX = 0.2  # --lr_max's default, the original's, meant for the ResNets' SGD
 CNN_LR_MAX = 0.003  # the --lr_max of the original's CNN scripts (Adam)
-CHECKPOINT = "checkpoint.pt"
-SAVED_MODELS = ("last", "early_stopped", "best_test")  # the weights a finished run's checkpoint holds
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 ATTACKS = ("fgsm", "n_fgsm", "pgd", "pgd_corner", "none")
 AMP_DTYPES = ("float16", "bfloat16")
@@ -114,16 +112,10 @@ def build_parser(description=None):
       "many consecutive iterations, the perturbation carried over (with fgsm; other attacks only replay batches)")
     g("--discrete_eps", action="store_true", help="VFSAT: the training eps cycles over a discrete ramp by epoch")
     g = p.add_argument_group("regularisers").add_argument
-    for r in methods.REGULARISERS:
+    for r in methods.REGULARISERS:  # each row declares its flags
         g(f"--{r.flag}", type=float, default=0.0, help=f"{r.name} coefficient (0: off){r.help}")
-    g("--print_g_i_s", action="store_true", help="compute and log the GradSum norm even when its coefficient is 0")
-    g("--grad_input_sum_fd_step", type=float, default=0.5, help="GradSum-FD: the finite difference's move, "
-      "pixels/255 per pixel in RMS (its error against GradSum: docs/peers.md)")
-    g("--elle_adaptive", action="store_true", help="ELLE-A: ELLE's lambda starts at 0, jumps to --elle_lambda "
-      "when the linearity error exceeds its running mean + --elle_sensitivity std, else decays")
-    g("--elle_decay", type=float, default=0.99, help="ELLE-A: lambda's factor at each iteration without a jump")
-    g("--elle_sensitivity", type=float, default=2.0, help="ELLE-A: standard deviations above the mean that make "
-      "lambda jump")
+        for name, keywords in r.flags:
+            g(f"--{name}", **keywords)
     g = p.add_argument_group("corrections of the original (each off by default)").add_argument
     g("--fix_vfsat_list", action="store_true", help="VFSAT ramps to --eps for every eps (the original's list "
       "ignores eps other than 16 and ramps to 8)")
@@ -204,10 +196,6 @@ def computational_differences(saved, args):
             if k not in NOT_COMPUTATIONAL and now.get(k) != v}
 
 
-def uses_double_backprop(args):
-    return any(r.double_backprop and r.computed(args) for r in methods.REGULARISERS)
-
-
 def check_args(args, n_procs=1):
     """Reject values the code cannot run, before any work starts."""
     def need(ok, flag, allowed):
@@ -227,14 +215,14 @@ def check_args(args, n_procs=1):
         need(getattr(args, flag) >= 0, flag, "must be zero (clean accuracy, as in the original) or positive")
     need(args.pgd_train_n_iters >= 0, "pgd_train_n_iters", "must be zero (training at the start: zero, or uniform "
          "noise with --attack_init=random, as in the original) or positive")
-    for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps", "grad_input_sum_fd_step", "elle_decay"):
+    for flag in ("lr_max", "fgsm_alpha", "pgd_alpha_train", "eps"):
         need(getattr(args, flag) > 0, flag, "must be positive")
-    for flag in ("start_eval_epoch", "weight_decay", "n_fgsm_noise", "n_fgsm_clip", "elle_sensitivity",
+    for flag in ("start_eval_epoch", "weight_decay", "n_fgsm_noise", "n_fgsm_clip",
                  *(r.flag for r in methods.REGULARISERS)):
         need(getattr(args, flag) >= 0, flag, "must be zero or positive")
-    need(not (args.grad_input_sum_coeff and args.grad_input_sum_fd_coeff), "grad_input_sum_fd_coeff",
-         "GradSum-FD estimates the GradSum term: use it or --grad_input_sum_coeff, not both")
-    need(not args.elle_adaptive or args.elle_lambda > 0, "elle_adaptive", "needs --elle_lambda, its maximum lambda")
+    for r in methods.REGULARISERS:  # each row's own checks of its flags
+        for flag, bad in r.refuse(args):
+            need(False, flag, bad)
     need(not (args.mast and args.attack == "n_fgsm"), "mast", "is an FGSM step's magnitude; N-FGSM's step is "
          "--fgsm_alpha x eps")
     need(args.eps <= 255, "eps", "is in pixels/255: at most 255")
@@ -253,9 +241,9 @@ def check_args(args, n_procs=1):
               and args.attack != "n_fgsm" and not args.fix_gradsum), gradsum_flag,
          "with --grad_align_cos_lambda and --attack_init=zero the original crashes (its GradSum term is never "
          "computed); add --fix_gradsum to compute both terms")
-    need(not (args.compile and uses_double_backprop(args)), "compile",
+    need(not (args.compile and methods.uses_double_backprop(args)), "compile",
          "compiled models do not support the double backprop of GradSum and GradAlign: drop --compile")
-    need(not args.cuda_graph or (n_procs == 1 and not methods.carries_perturbation(args) and not args.compile),
+    need(not args.cuda_graph or (n_procs == 1 and not methods.Attack.from_flags(args).carries and not args.compile),
          "cuda_graph", "one process, no Free-AT (it carries its perturbation) and no --compile")
     need(args.batch_size % n_procs == 0, "batch_size", f"the global batch must split evenly over {n_procs} processes")
     need(args.run_name is None or RUN_NAME_PATTERN.match(args.run_name), "run_name",
@@ -269,19 +257,68 @@ def method_name(args):
     pgd = f"{args.pgd_train_n_iters}a{args.pgd_alpha_train:g}"  # iterations and step (pixels/255)
     parts = [{"fgsm": "fgsm", "n_fgsm": f"nfgsm{args.n_fgsm_noise:g}", "pgd": f"pgd{pgd}",
               "pgd_corner": f"pgdcorner{pgd}", "none": "std"}[args.attack]]
-    if methods.carries_perturbation(args):
+    if methods.Attack.from_flags(args).carries:
         parts[0] = f"free{args.minibatch_replay}"
     elif args.minibatch_replay > 1:
         parts.append(f"replay{args.minibatch_replay}")
     if args.attack_init == "random" and args.attack not in ("none", "n_fgsm"):
         parts.append("rs")
-    flags = (("mast", "mast"), ("discrete_eps", "vfsat"), *((r.flag, r.tag) for r in methods.REGULARISERS),
-             ("elle_adaptive", "adaptive"))
+    flags = (("mast", "mast"), ("discrete_eps", "vfsat"),
+             *(tag for r in methods.REGULARISERS for tag in ((r.flag, r.tag), *r.tags)))
     for flag, name in flags:
         value = getattr(args, flag)
         if value:
             parts.append(name if value is True else f"{name}{value:g}")
     return "-".join(parts)
+
+
+
+def grad_sum_is_constant(args):
+    """Where the original's GradSum term is a detached constant: it reuses an attack gradient that is not
+    differentiable (FGSM's, or PGD/none's unless GradAlign differentiates it)."""
+    return (methods.grad_sum_reuses_attack_grad(args) and not args.fix_gradsum
+            and (methods.Attack.from_flags(args).single_step or not args.grad_align_cos_lambda))
+
+
+class Quirk(NamedTuple):
+    applies: Callable  # args -> whether these flags reproduce it
+    note: Callable  # args -> its `note:` line in the log
+
+
+def vfsat_list_differs(a):
+    return schedules.vfsat_cycle(a.eps) != schedules.vfsat_cycle(a.eps, ramp_to_eps=True)
+
+
+QUIRKS = {  # the original's behaviours that the flags reproduce although they are bugs, or traps: a note each
+    "vfsat_list": Quirk(lambda a: a.discrete_eps and not a.fix_vfsat_list and vfsat_list_differs(a), lambda a:
+                        f"VFSAT trains with the original's list {schedules.vfsat_cycle(a.eps)} for eps {a.eps:g}, "
+                        "not a ramp to eps (--fix_vfsat_list)"),
+    "vfsat_start_in_full_ball": Quirk(
+        lambda a: a.discrete_eps and a.attack_init == "random" and a.attack == "fgsm" and not a.fix_vfsat_start,
+        lambda a: "VFSAT's random start is drawn in the full eps-ball, as in the original (--fix_vfsat_start)"),
+    "vfsat_ignored_by_pgd": Quirk(lambda a: a.discrete_eps and a.attack in ("pgd", "pgd_corner"), lambda a:
+                                  "--discrete_eps has no effect on PGD training, as in the original"),
+    "gradsum_constant": Quirk(lambda a: a.grad_input_sum_coeff and grad_sum_is_constant(a), lambda a:
+                              "GradSum is a detached constant with this attack and start, as in the original: it "
+                              "changes the logged loss only (--fix_gradsum)"),
+    "free_at_zero_start": Quirk(lambda a: methods.Attack.from_flags(a).carries and a.attack_init == "random",
+                                lambda a: "Free-AT starts from zero whatever --attack_init says, as in the original"),
+    "replay_without_carry": Quirk(
+        lambda a: a.minibatch_replay > 1 and not methods.Attack.from_flags(a).carries,
+        lambda a: f"--minibatch_replay replays each batch {a.minibatch_replay} times with --attack={a.attack}, "
+                  "without carrying a perturbation, as in the original (Free-AT needs --attack=fgsm)"),
+    "mast_ignored": Quirk(lambda a: a.mast and a.attack != "fgsm", lambda a: f"--mast has no effect with "
+                          f"--attack={a.attack}, as in the original (it is an FGSM step)"),
+    "cnn_at_resnet_lr": Quirk(lambda a: a.model == "cnn" and a.lr_max == LR_MAX, lambda a:
+                              f"--model=cnn with the default --lr_max={LR_MAX:g} (the original's, for the ResNets' "
+                              "SGD): Adam at this rate usually ends as a constant classifier; the original's CNN "
+                              f"scripts and sh/cpu_experiment.sh use --lr_max={CNN_LR_MAX:g}"),
+}
+
+
+def notes(args):
+    """One log line for each of QUIRKS that these flags reproduce."""
+    return [q.note(args) for q in QUIRKS.values() if q.applies(args)]
 
 
 def given_flags(parser, argv):
@@ -290,179 +327,9 @@ def given_flags(parser, argv):
     return {a.dest for a in parser._actions if names & set(a.option_strings)}
 
 
-# Flags whose default computes something other than what runs saved before the flag existed computed: such a
-# run reads as if it had the flag at the value that reproduces its own computation (its evaluations were fp32).
-BEFORE_THE_FLAG = {"periodic_eval_fp32": True}
-
-
-def load_args(run_dir):
-    """A saved run's arguments: its args.json laid over today's defaults, so runs saved before a flag existed
-    read as if they had its default, or its BEFORE_THE_FLAG value where the default changed what they compute.
-    (Runs saved before the faithful defaults hold every flag explicitly.)"""
-    path = os.path.join(run_dir, "args.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{run_dir}: cannot read args.json there ({type(err).__name__}); is it a run "
-                         "directory written by train.py?") from None
-    args = build_parser().parse_args([])
-    vars(args).update(BEFORE_THE_FLAG)
-    vars(args).update({k: v for k, v in saved.items() if not k.startswith("_")})  # _provenance is not a flag
-    return args
-
-
-def saved_extras(run_dir):
-    """The entries of a run's args.json that are not flags (_provenance, _data), {} where there are none."""
-    try:
-        with open(os.path.join(run_dir, "args.json")) as f:
-            return {k: v for k, v in json.load(f).items() if k.startswith("_")}
-    except (OSError, ValueError):
-        return {}
-
-
-def check_fingerprint(run_dir, here, data_dir, flag="--data_dir"):
-    """UsageError unless `here`, data.fingerprint of the data loaded from data_dir, is the fingerprint of the data
-    the run was trained on (runs saved before fingerprints were recorded pass)."""
-    saved = saved_extras(run_dir).get("_data", {}).get("fingerprint")
-    if saved and saved != here:
-        raise UsageError(f"{flag}={data_dir!r}: that data ({here}) is not the run's ({saved}); give the folder "
-                         "the run was trained on")
-
-
 def args_to_dict(args):
     return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
             for k, v in vars(args).items()}
-
-
-def why_no_checkpoint(run_dir):
-    """What a run directory without its checkpoint tells of why, and what to do."""
-    try:
-        rows = utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    except (OSError, ValueError):
-        rows = []
-    if any(r.get("kind") == "final" for r in rows):
-        return (f"the run finished, so its {CHECKPOINT} was deleted or moved: put it back; weights saved elsewhere "
-                "are read by eval.py --weights FILE")
-    if not os.path.exists(os.path.join(run_dir, "args.json")):
-        return "not a run directory written by train.py"
-    return "the run stopped before its first epoch ended: start it again"
-
-
-def load_checkpoint(path, flag="--resume"):
-    """A checkpoint written by train.py, from its run directory (or the file itself)."""
-    ckpt = os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{flag}={path!r}: no {CHECKPOINT} there ({why_no_checkpoint(os.path.dirname(ckpt))})") \
-            from None
-    except Exception as err:  # truncated, corrupt, or not a checkpoint
-        raise UsageError(f"{flag}={path!r}: {ckpt} is unreadable ({type(err).__name__}); it was not written "
-                         "by train.py or is damaged") from None
-
-
-def saved_run_parser(description, default_models=SAVED_MODELS, seed_help="seed of the random draws", default_seed=0,
-                     run_optional=False):
-    """The arguments of the tools that read a finished run (eval.py, surface.py): RUN_DIR, the models, eps, the
-    data folder, the device and the seed."""
-    p = OneLineParser(description=description, formatter_class=HelpFormatter,
-                      allow_abbrev=False)
-    p.add_argument("run", metavar="RUN_DIR", nargs="?" if run_optional else None,
-                   help="a run directory written by train.py")
-    p.add_argument("--models", nargs="+", default=list(default_models), help=f"any of {', '.join(SAVED_MODELS)}")
-    p.add_argument("--eps", type=float, help="pixels/255 (default: the run's)")
-    p.add_argument("--data_dir", help="default: the run's")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=default_seed, help=seed_help)
-    return p
-
-
-class SavedRun(NamedTuple):
-    args: argparse.Namespace  # the run's flags
-    dataset: data.ImageData
-    model: torch.nn.Module  # its network on the device, in eval mode
-    states: dict  # {name: state dict} of the saved models
-    iterations: dict  # {name: the iteration at which it was saved}
-    device: torch.device
-
-
-def open_saved_run(opts):
-    """The SavedRun that a saved_run_parser's opts name; fills in opts.eps."""
-    bad = [m for m in opts.models if m not in SAVED_MODELS]
-    if bad:
-        raise UsageError(f"--models={bad[0]!r}: choose from {', '.join(SAVED_MODELS)}")
-    if not os.path.isdir(opts.run):
-        raise UsageError(f"RUN_DIR={opts.run!r}: not a run directory")
-    run = load_args(opts.run)
-    ckpt = load_checkpoint(opts.run, "RUN_DIR")
-    states = saved_models(ckpt)
-    iterations = {"last": ckpt["iteration"], **{name: kept["iteration"] for name, kept in ckpt["kept"].items()}}
-    opts.eps = opts.eps or run.eps
-    device = device_from_flag(opts.device)
-    data_dir = opts.data_dir or run.data_dir
-    dataset = data.load_data(run.dataset, data_dir, download=False)
-    check_fingerprint(opts.run, data.fingerprint(dataset), data_dir)
-    return SavedRun(run, dataset, model_from_args(run, dataset).to(device).eval(), states, iterations, device)
-
-
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")  # where common checkpoints keep the weights
-PREFIXES = ("module.", "model.")  # DataParallel's and wrapper modules' prefixes, as RobustBench's loader strips them
-SHORTCUT = (".shortcut.0.weight", ".shortcut.weight")  # RobustBench's projection shortcut, ours
-
-
-def open_weights(opts):
-    """A SavedRun for a weights file (--weights) with the layout its flags name: one model, named by the file."""
-    args = build_parser().parse_args([])
-    for name in ("dataset", "model", "input_normalization", "n_layers", "n_filters_cnn"):
-        setattr(args, name, getattr(opts, name))
-    args.eps = opts.eps = opts.eps or args.eps
-    if opts.model not in MODELS:
-        raise UsageError(f"--model={opts.model!r}: choose one of {', '.join(MODELS)}")
-    if opts.input_normalization not in INPUT_NORMALIZATIONS:
-        raise UsageError(f"--input_normalization={opts.input_normalization!r}: choose one of "
-                         f"{', '.join(INPUT_NORMALIZATIONS)}")
-    if not os.path.isfile(opts.weights):
-        raise UsageError(f"--weights={opts.weights!r}: no such file")
-    device = device_from_flag(opts.device)
-    dataset = data.load_data(args.dataset, opts.data_dir, download=False)
-    model = model_from_args(args, dataset)
-    state = read_state_dict(opts.weights, model, opts.model)
-    name = os.path.splitext(os.path.basename(opts.weights))[0]
-    return SavedRun(args, dataset, model.to(device).eval(), {name: state}, {name: 0}, device)
-
-
-def read_state_dict(path, model, model_flag):
-    """The state dict in `path` (a plain one, train.py's checkpoint, or RobustBench's PreActResNet layout) as
-    `model` names it; UsageError naming the first missing, unexpected or misshapen entry."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, pickled code, truncated
-        raise UsageError(f"--weights={path!r}: not a readable state dict ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:120]})") from None
-    while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in WRAPPER_KEYS):
-        obj = next(obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict))
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UsageError(f"--weights={path!r}: holds no state dict (a dict of tensors, or one under "
-                         f"{', '.join(WRAPPER_KEYS)})")
-    for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    obj = {k.replace(*SHORTCUT): v for k, v in obj.items()}
-    expected = model.state_dict()
-    own = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, Normalize) for b in ("mean", "std")}
-    missing = [k for k in expected if k not in obj and k not in own and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in obj if k not in expected]
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise UsageError(f"--weights={path!r}: not the layout of --model={model_flag} ({what}; "
-                         f"{len(missing)} missing, {len(unexpected)} unexpected); give the --model and "
-                         "--input_normalization it was trained with")
-    for k, v in obj.items():
-        if v.shape != expected[k].shape:
-            raise UsageError(f"--weights={path!r}: {k} has shape {tuple(v.shape)}, --model={model_flag} "
-                             f"expects {tuple(expected[k].shape)}")
-    return {**expected, **obj}
 
 
 def device_from_flag(name):
@@ -473,35 +340,3 @@ def device_from_flag(name):
         return device
     except (RuntimeError, AssertionError) as err:
         raise UsageError(f"--device={name!r}: not available here ({str(err).splitlines()[0]})") from None
-
-
-def run_name(run_dir):
-    """A run directory's name (its last path component)."""
-    return os.path.basename(os.path.normpath(run_dir))
-
-
-def saved_models(ckpt):
-    """{name: state dict} of the models a checkpoint holds: the last weights, the early-stopped and best-test ones."""
-    return {"last": ckpt["model"], **{name: kept["state"] for name, kept in ckpt["kept"].items()}}
-
-
-def model_from_args(args, dataset):
-    """The run's network for this dataset, freshly initialised as the original does, its BatchNorm and
-    convolutions set up for the run's double backprop."""
-    mean_std = dataset.mean_std() if args.input_normalization == "dataset" else None
-    model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
-                        args.n_layers, args.n_filters_cnn)
-    configure_double_backward(model, args)
-    return model
-
-
-def configure_double_backward(model, args):
-    """BatchNorm and convolutions for the run's regularisers. With double backprop: BatchNorm's closed-form double
-    backward (its sums in fp32 at least) unless --bn_double_backward=autograd, BatchNorm in fp32 under autocast with
-    --bn_float32 or with autograd's double backward (which overflows fp16 at the loss scale); the convolutions'
-    explicit double backward unless --conv_double_backward=autograd."""
-    double = uses_double_backprop(args)
-    closed_form = args.bn_double_backward == "closed_form"
-    float32 = double and args.half_prec and (args.bn_float32 or not closed_form)
-    configure_batchnorm(model, float32_under_autocast=float32, closed_form_double_backward=double and closed_form)
-    configure_conv(model, explicit_double_backward=double and args.conv_double_backward == "explicit")

@@ -50,13 +50,13 @@ def measure(trainer, args, dataset, n_iters=TIMED_ITERS):
 
     def iteration():
         x, y = next(batches)
-        trainer.record_step(trainer.step(x, y, 1), len(y))
+        trainer.meters.add(trainer.step(x, y, trainer.radii(1)), len(y), trainer.iteration)
     for _ in range(WARMUP_ITERS + n_iters):
         times.append(timed(device, iteration)[0])
     out["training iteration"] = statistics.median(times[WARMUP_ITERS:])
-    precision = trainer.eval_precision(None if not args.half_prec else 2.0 ** 16)
-    periodic = [timed(device, evaluation.periodic_eval, trainer.model, trainer.eval_sets, args.eps / 255, args,
-                      trainer.restart, *precision)[0] for _ in range(2)]
+    loss_scale = 2.0 ** 16 if trainer.eval_autocast is not None else None  # as a mid-run scale
+    periodic = [timed(device, evaluation.periodic_eval, trainer.model, trainer.data.eval_sets, trainer.protocol,
+                      trainer.restart, trainer.eval_autocast, loss_scale)[0] for _ in range(2)]
     out["periodic evaluation"] = periodic[1]  # the first tunes cuDNN's algorithms for new shapes
     n_points = len(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
     idx = evaluation.first_points(len(dataset.test_y), min(n_points, args.batch_size_eval))
@@ -70,7 +70,7 @@ def measure(trainer, args, dataset, n_iters=TIMED_ITERS):
 def final_eval_points(trainer, args, x_u8, y, skip_lost):
     """The final evaluation's attacks (clean, FGSM, PGD) on these points, with or without the ln K skip."""
     trainer.model.eval()
-    evaluation.per_example(evaluation.final_stats(trainer.model, args.eps / 255, args, trainer.restart, skip_lost),
+    evaluation.per_example(evaluation.final_stats(trainer.model, trainer.protocol, trainer.restart, skip_lost),
                            ("clean",), evaluation.batches(x_u8, y, args.batch_size_eval))
     trainer.model.train()
 

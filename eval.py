@@ -22,6 +22,7 @@ import autoattack_eval
 import config
 import data
 import evaluation
+import runs
 import utils
 from config import UsageError
 
@@ -72,7 +73,7 @@ def evaluate(model, x_u8, y, eps_px, opts, seed=0, autoattack=None):
 
 
 def build_parser():
-    p = config.saved_run_parser(__doc__, seed_help="seed of PGD's random starts (default: each model's "
+    p = runs.saved_run_parser(__doc__, seed_help="seed of PGD's random starts (default: each model's "
                                 "final-evaluation seed, from the run's seed and the model's iteration: train.py's "
                                 "final evaluation draws the same starts) and of AutoAttack (default 0)",
                                 default_seed=None, run_optional=True)
@@ -136,11 +137,11 @@ def prepare(argv):
     if opts.weights:
         if not opts.data_dir:
             raise UsageError("--weights: add --data_dir, the dataset's folder")
-        saved = config.open_weights(opts)
+        saved = runs.open_weights(opts)
         opts.models = list(saved.states)
         opts.seed = opts.seed or 0  # no run seed to derive one from
     else:
-        saved = config.open_saved_run(opts)
+        saved = runs.open_saved_run(opts)
     if opts.export and not (saved.args.model in ROBUSTBENCH_DEPTHS and saved.args.input_normalization == "none"):
         raise UsageError(f"--export: RobustBench's PreActResNet layout is that of resnet18 and resnet34 without input "
                          f"normalisation; this run has --model={saved.args.model} --input_normalization="
@@ -169,7 +170,7 @@ def robustbench_state(state):
 def export(opts, saved, name, result, proto):
     """DIR/<run>-<model>.pt and .json: the weights RobustBench's PreActResNet loads, and its model_info fields."""
     os.makedirs(opts.export, exist_ok=True)
-    source = config.run_name(opts.run) if opts.run else name
+    source = runs.run_name(opts.run) if opts.run else name
     stem = os.path.join(opts.export, f"{source}-{name}" if opts.run else name)
     utils.atomic_torch_save(robustbench_state(saved.states[name]), stem + ".pt")
     info = {"name": f"Improving Single-Step Adversarial Training By Local Smoothing: {config.method_name(saved.args)}"

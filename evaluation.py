@@ -4,6 +4,7 @@ the training's autocast; points are split over processes and every count is glob
 import contextlib
 import hashlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,27 @@ import utils
 
 PGD_STEP_FRACTION = 1 / 4  # the original's evaluation PGD step, as a fraction of eps
 GRAPH_MAX_ROWS = 256  # examples: a larger attacked subset keeps a GPU busy without a graph (each holds its memory)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A run's evaluations, read from train.py's flags once."""
+    eps_px: float  # pixels/255
+    attack_iters: int  # periodic PGD
+    n_restarts: int
+    final_iters: int  # final PGD
+    final_restarts: int
+    batch_size: int  # per process
+    batched: bool  # --batched_restarts
+
+    @classmethod
+    def from_flags(cls, args):
+        return cls(args.eps, args.attack_iters, args.n_restarts, args.final_attack_iters, args.final_n_restarts,
+                   args.batch_size_eval, args.batched_restarts)
+
+    @property
+    def eps(self):
+        return self.eps_px / 255
 
 
 class GraphedRestarts:
@@ -148,7 +170,7 @@ def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pg
 PERIODIC_TEST_KEYS = ("clean_acc", "fgsm_acc", "pgd_acc", "pgd_any_acc", "cos_fgsm_pgd", "grad_cosine")
 
 
-def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart, autocast=None, loss_scale=None):
+def periodic_eval(model, eval_sets, protocol, restart=attacks.pgd_restart, autocast=None, loss_scale=None):
     """The original's periodic evaluation on its fixed test and training points (eval mode, no augmentation);
     restart: attacks.pgd_restart or a GraphedRestarts; autocast (a context) and loss_scale (None: neither), the
     mixed precision that the original's apex O1 leaves on for it."""
@@ -156,12 +178,13 @@ def periodic_eval(model, eval_sets, eps, args, restart=attacks.pgd_restart, auto
     was_training = model.training
     model.eval()
     with autocast or contextlib.nullcontext():
-        test, n_points = fractions(periodic_test_stats(model, eps, args.attack_iters, args.n_restarts, restart,
-                                                       loss_scale, args.batched_restarts),
-                                   PERIODIC_TEST_KEYS, batches(test_x, test_y, args.batch_size_eval, "test points"))
-        train, _ = fractions(pgd_stats(model, eps, args.attack_iters, args.n_restarts, restart=restart,
-                                       loss_scale=loss_scale, batched=args.batched_restarts),
-                             ("pgd",), batches(train_x, train_y, args.batch_size_eval, "training points"))
+        p = protocol
+        test, n_points = fractions(periodic_test_stats(model, p.eps, p.attack_iters, p.n_restarts, restart,
+                                                       loss_scale, p.batched),
+                                   PERIODIC_TEST_KEYS, batches(test_x, test_y, p.batch_size, "test points"))
+        train, _ = fractions(pgd_stats(model, p.eps, p.attack_iters, p.n_restarts, restart=restart,
+                                       loss_scale=loss_scale, batched=p.batched),
+                             ("pgd",), batches(train_x, train_y, p.batch_size, "training points"))
     row = {("test_" + k if k.endswith("_acc") else k): v for k, v in test.items()}
     row["train_pgd_acc"] = train["pgd"]
     row["n_eval_points"] = n_points
@@ -185,7 +208,7 @@ def pgd_protocol(iters, restarts, step_px, n_points, n_total, seed=None, batch_s
             "label": f"PGD-{iters}-{restarts} (step {step_px:g}/255, {n_points:,} pts)"}
 
 
-def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, watch=None, seeds=None):
+def final_eval(model, states, x_u8, y, protocol, restart=attacks.pgd_restart, watch=None, seeds=None):
     """One row per saved model: clean, FGSM (step eps) and PGD accuracy under the final attack, the original
     protocol ('pgd_acc') and the strict rule ('pgd_any_acc'). watch(batches, n_batches, desc), when given, wraps
     each model's batches (progress lines, stops); seeds ({name: seed}), when given, seed each model's random
@@ -193,23 +216,24 @@ def final_eval(model, states, x_u8, y, eps, args, restart=attacks.pgd_restart, w
     rows = []
     model.eval()
     keys = ("clean", "fgsm", "pgd", "pgd_any")
-    n_batches = -(-len(y) // args.batch_size_eval)
+    n_batches = -(-len(y) // protocol.batch_size)
     for name, state in states.items():
         model.load_state_dict(state)
         if seeds:
             torch.manual_seed(seeds[name] + utils.rank())
         desc = f"final evaluation: {name}"
-        model_batches = batches(x_u8, y, args.batch_size_eval, desc)
-        accs, n = fractions(final_stats(model, eps, args, restart), keys,
+        model_batches = batches(x_u8, y, protocol.batch_size, desc)
+        accs, n = fractions(final_stats(model, protocol, restart), keys,
                             watch(model_batches, n_batches, desc) if watch else model_batches)
         rows.append({"kind": "final", "model": name, **{f"{k}_acc": v for k, v in accs.items()}, "n_points": n})
     model.train()
     return rows
 
 
-def final_stats(model, eps, args, restart=attacks.pgd_restart, skip_lost=True):
-    pgd = pgd_stats(model, eps, args.final_attack_iters, args.final_n_restarts, skip_lost=skip_lost, restart=restart,
-                    batched=args.batched_restarts)
+def final_stats(model, protocol, restart=attacks.pgd_restart, skip_lost=True):
+    eps = protocol.eps
+    pgd = pgd_stats(model, eps, protocol.final_iters, protocol.final_restarts, skip_lost=skip_lost, restart=restart,
+                    batched=protocol.batched)
     return lambda x, y: {"clean": utils.clean_correct(model, x, y), "fgsm": attacks.fgsm_eval(model, x, y, eps, eps)[0],
                          **pgd(x, y)}
 

@@ -1,15 +1,16 @@
 """One training iteration of every method, as the original computes it: the training perturbation (FGSM,
 FGSM-RS, VFSAT, MAST, Free-AT, PGD; and N-FGSM as its authors' code computes it), the regularisers
-(REGULARISERS: GradAlign, GradSum; ELLE and ELLE-A as their code, GradSum-FD), and the optimiser step; and
-PRESETS, the methods as named flag sets.
+(REGULARISERS: GradAlign, GradSum; ELLE and ELLE-A as their code, GradSum-FD), the optimiser step, and
+TrainingStep, which owns them for a run; and PRESETS, the methods as named flag sets.
 
-Each piece is a function of (model, batch, radii, args); attacks and regularisers come from attacks.py.
+The flags are read once, into StepSettings (the Attack and each regulariser's Term); below it every function
+takes those records, and attacks and regularisers come from attacks.py.
 """
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,69 +23,80 @@ SGD_MOMENTUM = 0.9
 WEIGHT_CLIP_AT, WEIGHT_CLIP_TO = 0.2, 0.1  # --weight_clip: |w| >= 0.2 becomes 0.1 with w's sign (the original's)
 
 
-def build_optimizer(model, args):
-    if args.model == "cnn":
-        return torch.optim.Adam(model.parameters(), lr=args.lr_max, weight_decay=args.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=args.lr_max, momentum=SGD_MOMENTUM, weight_decay=args.weight_decay)
-
-
 @dataclass
 class StepRadii:
     """What one iteration's attack uses, in [0, 1] units: the evaluation eps, the FGSM radius (VFSAT's eps of the
-    epoch), the PGD radius and FGSM multiplier (SVHN's warm-up), and the regularisers' radius; SVHN's warm-up
-    factor itself (N-FGSM ramps its noise and clip with it); and the coefficients that a schedule sets at every
-    iteration ({flag: 0-d tensor}, ELLE-A's lambda), which the same radii share from one iteration to the next."""
+    epoch), the PGD radius and FGSM multiplier (SVHN's warm-up), and the regularisers' radius; and SVHN's warm-up
+    factor itself (N-FGSM ramps its noise and clip with it)."""
     eps: float
     fgsm_eps: float
     pgd_eps: float
     fgsm_alpha: float
     reg_eps: float
     warmup: float = 1.0
-    coefficients: dict = field(default_factory=dict, compare=False)
 
 
-def single_step(args):
-    """FGSM or N-FGSM: one signed step from a start whose gradient the regularisers may reuse as a constant."""
-    return args.attack in ("fgsm", "n_fgsm")
+@dataclass(frozen=True)
+class Attack:
+    """The training attack, read from its flags once; radii come with each iteration (StepRadii)."""
+    kind: str  # fgsm, n_fgsm, pgd, pgd_corner or none
+    random_start: bool  # --attack_init=random
+    start_in_epoch_ball: bool  # --fix_vfsat_start: FGSM's random start in VFSAT's ball of the epoch
+    on_grid: bool  # --discrete_eps: random starts on the 1/255 grid
+    mast: bool
+    n_fgsm_noise: float  # N-FGSM: multiples of eps
+    n_fgsm_clip: float
+    pgd_iters: int
+    pgd_step: float  # [0, 1] units
+    replay: int  # --minibatch_replay: iterations per batch
+
+    @classmethod
+    def from_flags(cls, args):
+        return cls(args.attack, args.attack_init == "random", args.fix_vfsat_start, args.discrete_eps, args.mast,
+                   args.n_fgsm_noise, args.n_fgsm_clip, args.pgd_train_n_iters, args.pgd_alpha_train / 255,
+                   args.minibatch_replay)
+
+    @property
+    def single_step(self):
+        """FGSM or N-FGSM: one signed step from a start whose gradient the regularisers may reuse as a constant."""
+        return self.kind in ("fgsm", "n_fgsm")
+
+    @property
+    def carries(self):
+        """Free-AT: FGSM on replayed batches, each step starting from the last perturbation (the original replays
+        batches for any attack, but only its FGSM branch keeps a perturbation)."""
+        return self.kind == "fgsm" and self.replay > 1
 
 
-def carries_perturbation(args):
-    """Free-AT: FGSM on replayed batches, each step starting from the last perturbation (the original replays
-    batches for any attack, but only its FGSM branch keeps a perturbation)."""
-    return args.attack == "fgsm" and args.minibatch_replay > 1
-
-
-def fgsm_start(x, radii, args, carried):
+def fgsm_start(x, radii, attack, carried):
     """FGSM's starting point: the carried perturbation (Free-AT), zero, or uniform in the full eps-ball (on the
     grid under VFSAT; in the epoch's ball with --fix_vfsat_start)."""
-    if carries_perturbation(args):
+    if attack.carries:
         return torch.zeros_like(x) if carried is None else carried
-    if args.attack_init == "zero":
+    if not attack.random_start:
         return torch.zeros_like(x)
-    return attacks.uniform_delta(x, radii.fgsm_eps if args.fix_vfsat_start else radii.eps, on_grid=args.discrete_eps)
+    return attacks.uniform_delta(x, radii.fgsm_eps if attack.start_in_epoch_ball else radii.eps, on_grid=attack.on_grid)
 
 
-def perturb(model, x, y, radii, args, loss_scale, carried=None):
+def perturb(model, x, y, radii, attack, differentiable, loss_scale, carried=None):
     """The training perturbation, and the input gradient the regularisers may use: FGSM's at its start, or, for
     PGD and no attack, the original's extra gradient at x (differentiable where a regulariser's term goes through
     it)."""
-    differentiable = any(r.weight(args) > 0 and r.through_attack_grad(args) for r in REGULARISERS)
-    if args.attack == "n_fgsm":
+    if attack.kind == "n_fgsm":
         eps = radii.warmup * radii.fgsm_eps
-        return attacks.n_fgsm(model, x, y, radii.fgsm_alpha * radii.fgsm_eps, args.n_fgsm_noise * eps,
-                              args.n_fgsm_clip * eps, loss_scale)
-    if args.attack == "fgsm":
-        start = fgsm_start(x, radii, args, carried)
+        return attacks.n_fgsm(model, x, y, radii.fgsm_alpha * radii.fgsm_eps, attack.n_fgsm_noise * eps,
+                              attack.n_fgsm_clip * eps, loss_scale)
+    if attack.kind == "fgsm":
+        start = fgsm_start(x, radii, attack, carried)
         grad = attacks.input_grad(model, x, start.requires_grad_(differentiable), y, create_graph=differentiable,
                                   loss_scale=loss_scale)[0]
-        radius = attacks.uniform_delta(x, radii.eps, on_grid=True) if args.mast else radii.fgsm_eps
+        radius = attacks.uniform_delta(x, radii.eps, on_grid=True) if attack.mast else radii.fgsm_eps
         return attacks.fgsm_step(x, start.detach(), grad, radii.fgsm_eps, radius, radii.fgsm_alpha), grad
     delta = torch.zeros_like(x)
-    if args.attack in ("pgd", "pgd_corner"):
-        start = attacks.uniform_delta(x, radii.pgd_eps) if args.attack_init == "random" else delta
-        delta = attacks.pgd_train(model, x, y, radii.pgd_eps, args.pgd_alpha_train / 255, args.pgd_train_n_iters,
-                                  start, loss_scale)
-        if args.attack == "pgd_corner":
+    if attack.kind in ("pgd", "pgd_corner"):
+        start = attacks.uniform_delta(x, radii.pgd_eps) if attack.random_start else delta
+        delta = attacks.pgd_train(model, x, y, radii.pgd_eps, attack.pgd_step, attack.pgd_iters, start, loss_scale)
+        if attack.kind == "pgd_corner":
             delta = attacks.corner(x, delta, radii.eps)
     grad_x = attacks.input_grad(model, x, torch.zeros_like(x), y, clip=False, create_graph=differentiable,
                                 loss_scale=loss_scale)[0]
@@ -92,13 +104,19 @@ def perturb(model, x, y, radii, args, loss_scale, carried=None):
 
 
 # ---------------------------------------------------------------- regularisers
+# Each is term(model, x, y, radii, attack_grad, loss_scale, options) -> a scalar, options its row's own record.
 
-def grad_align(model, x, y, radii, args, grad, loss_scale):
+class GradAlignOptions(NamedTuple):
+    first_is_constant: bool  # the attack's gradient is a constant (FGSM, N-FGSM), else differentiated (PGD, none)
+    empty_is_zero: bool  # --fix_gradalign_empty
+
+
+def grad_align(model, x, y, radii, grad, loss_scale, options):
     """GradAlign's 1 - mean cosine; its first gradient is the attack's (a constant for FGSM, differentiated
     through for PGD/none, as the original)."""
-    first = grad.detach() if single_step(args) else grad
+    first = grad.detach() if options.first_is_constant else grad
     return attacks.grad_align_penalty(model, x, y, radii.reg_eps, first, loss_scale,
-                                      empty_is_zero=args.fix_gradalign_empty)
+                                      empty_is_zero=options.empty_is_zero)
 
 
 def grad_sum_reuses_attack_grad(args):
@@ -109,67 +127,24 @@ def grad_sum_reuses_attack_grad(args):
             and not (args.fix_gradsum and args.attack != "fgsm"))
 
 
-def grad_sum_is_constant(args):
-    """Where the original's GradSum term is a detached constant: it reuses an attack gradient that is not
-    differentiable (FGSM's, or PGD/none's unless GradAlign differentiates it)."""
-    return (grad_sum_reuses_attack_grad(args) and not args.fix_gradsum
-            and (single_step(args) or not args.grad_align_cos_lambda))
-
-
-def grad_sum(model, x, y, radii, args, grad, loss_scale):
+def grad_sum(model, x, y, radii, grad, loss_scale, reuses_attack_grad):
     """GradSum's unscaled norm: of the attack's gradient where the original reuses it, else of the gradient at a
     random grid point of the ball (double backprop)."""
-    if grad_sum_reuses_attack_grad(args):
+    if reuses_attack_grad:
         return attacks.l2_norm(grad)
     return attacks.grad_sum_penalty(model, x, y, radii.reg_eps, loss_scale)
 
 
-def grad_sum_fd(model, x, y, radii, args, grad, loss_scale):
-    """GradSum-FD: GradSum's norm at a random grid point of the ball by a finite difference (no double backprop)."""
-    return attacks.grad_sum_fd_penalty(model, x, y, radii.reg_eps, args.grad_input_sum_fd_step / 255, loss_scale)
+def grad_sum_fd(model, x, y, radii, grad, loss_scale, step):
+    """GradSum-FD: GradSum's norm at a random grid point of the ball by a finite difference (no double backprop);
+    step in [0, 1] units."""
+    return attacks.grad_sum_fd_penalty(model, x, y, radii.reg_eps, step, loss_scale)
 
 
-def elle(model, x, y, radii, args, grad, loss_scale):
+def elle(model, x, y, radii, grad, loss_scale, options):
     """ELLE's linearity error at three random points of the ball."""
     return attacks.linearity_error(lambda z: F.cross_entropy(model(z), y.repeat(3), reduction="none"), x,
                                    radii.reg_eps)
-
-
-@dataclass(frozen=True)
-class Regulariser:
-    """A term added to the training loss as coefficient * term(model, x, y, radii, args, attack_grad, loss_scale).
-
-    Everything else derives from this row: the coefficient flag and its check, the run name, the per-step
-    statistic and its health warning, and whether the double backprop needs the models' double-backward set-up."""
-    name: str  # as in the paper and the log
-    flag: str  # the coefficient's flag; 0 turns the term off
-    tag: str  # its part of the run name (with the coefficient)
-    term: Callable
-    stat: str  # the step statistic it fills (STATS): "reg" logs coefficient * term (as the original), others the term
-    through_attack_grad: Callable = lambda args: False  # the term differentiates the attack's input gradient
-    logged_by: str | None = None  # a flag that computes and logs the term even when its coefficient is 0
-    double_backprop: bool = True
-    help: str = ""  # what the flag's help adds to "NAME coefficient (0: off)"
-
-    def weight(self, args):
-        return getattr(args, self.flag)
-
-    def computed(self, args):
-        return self.weight(args) > 0 or bool(self.logged_by and getattr(args, self.logged_by))
-
-
-# In the order of the original's forward passes (each moves BatchNorm statistics and draws a random point).
-REGULARISERS = (
-    Regulariser("GradAlign", "grad_align_cos_lambda", "gradalign", grad_align, "reg",
-                through_attack_grad=lambda args: not single_step(args)),
-    Regulariser("GradSum", "grad_input_sum_coeff", "gradsum", grad_sum, "gis",
-                through_attack_grad=lambda args: args.fix_gradsum and args.attack == "fgsm"
-                and args.attack_init == "random", logged_by="print_g_i_s"),
-    Regulariser("GradSum-FD", "grad_input_sum_fd_coeff", "gradsumfd", grad_sum_fd, "gis", double_backprop=False),
-    Regulariser("ELLE", "elle_lambda", "elle", elle, "elle", double_backprop=False,
-                help=" (with --elle_adaptive its maximum)"),
-)
-STATS = ("reg", "gis", "elle")  # the regularisers' step statistics, each zero where no term fills it
 
 
 class AdaptiveLambda:
@@ -201,22 +176,175 @@ class AdaptiveLambda:
             getattr(self, k).copy_(v)
 
 
+class ElleOptions(NamedTuple):
+    adaptive: bool  # ELLE-A
+    decay: float
+    sensitivity: float
 
-def losses(model, x, y, radii, args, loss_scale, carried=None, net=None):
+
+def flag(kind=float, default=0.0, help=""):  # noqa: A002 (argparse's own keyword)
+    """A flag of a registry row: argparse's add_argument keywords (a bool is a switch)."""
+    if kind is bool:
+        return {"action": "store_true", "help": help}
+    return {"type": kind, "default": default, "help": help}
+
+
+def no_options(args):
+    return None
+
+
+@dataclass(frozen=True)
+class Regulariser:
+    """A term added to the training loss as coefficient * term(model, x, y, radii, attack_grad, loss_scale,
+    options), options being what options(args) reads of its flags once.
+
+    Everything else derives from this row: its flags (the coefficient's and `flags`) and their checks, the run
+    name, the per-step statistic `stat` (`train_<stat>` in metrics.jsonl) and its health warning, whether the
+    double backprop needs the models' double-backward set-up, and the coefficient's schedule, if any."""
+    name: str  # as in the paper and the log
+    flag: str  # the coefficient's flag; 0 turns the term off
+    tag: str  # its part of the run name (with the coefficient)
+    term: Callable
+    stat: str  # the step statistic it fills: the term (weighted with stat_weighted, as the original's GradAlign)
+    options: Callable = no_options  # args -> the term's own settings
+    through_attack_grad: Callable = lambda args: False  # the term differentiates the attack's input gradient
+    logged_by: str | None = None  # a flag that computes and logs the term even when its coefficient is 0
+    double_backprop: bool = True
+    help: str = ""  # what the flag's help adds to "NAME coefficient (0: off)"
+    flags: tuple = ()  # its other flags: (name, flag(...)), declared in train.py's regulariser group after it
+    tags: tuple = ()  # (switch flag, run-name part) of its other switches
+    schedule: Callable | None = None  # (Term, device) -> None or a schedule: value (0-d tensor), update(stat), state
+    stat_weighted: bool = False
+    refuse: Callable = lambda args: ()  # args -> (flag, what is wrong) for each refused value of its flags
+
+    def weight(self, args):
+        return getattr(args, self.flag)
+
+    def computed(self, args):
+        return self.weight(args) > 0 or bool(self.logged_by and getattr(args, self.logged_by))
+
+
+def adaptive_lambda(term, device):
+    o = term.options
+    return AdaptiveLambda(term.coefficient, o.decay, o.sensitivity, device) if o.adaptive else None
+
+
+# In the order of the original's forward passes (each moves BatchNorm statistics and draws a random point).
+REGULARISERS = (
+    Regulariser("GradAlign", "grad_align_cos_lambda", "gradalign", grad_align, "reg", stat_weighted=True,
+                options=lambda a: GradAlignOptions(Attack.from_flags(a).single_step, a.fix_gradalign_empty),
+                through_attack_grad=lambda args: not Attack.from_flags(args).single_step),
+    Regulariser("GradSum", "grad_input_sum_coeff", "gradsum", grad_sum, "gis", options=grad_sum_reuses_attack_grad,
+                through_attack_grad=lambda args: args.fix_gradsum and args.attack == "fgsm"
+                and args.attack_init == "random", logged_by="print_g_i_s",
+                flags=(("print_g_i_s", flag(bool, help="compute and log the GradSum norm even when its coefficient "
+                                                       "is 0")),)),
+    Regulariser("GradSum-FD", "grad_input_sum_fd_coeff", "gradsumfd", grad_sum_fd, "gis", double_backprop=False,
+                options=lambda a: a.grad_input_sum_fd_step / 255,
+                refuse=lambda a: [("grad_input_sum_fd_step", "must be positive")] * (a.grad_input_sum_fd_step <= 0)
+                + [("grad_input_sum_fd_coeff", "GradSum-FD estimates the GradSum term: use it or "
+                    "--grad_input_sum_coeff, not both")] * bool(a.grad_input_sum_coeff and a.grad_input_sum_fd_coeff),
+                flags=(("grad_input_sum_fd_step", flag(default=0.5, help="GradSum-FD: the finite difference's move, "
+                        "pixels/255 per pixel in RMS (its error against GradSum: docs/peers.md)")),)),
+    Regulariser("ELLE", "elle_lambda", "elle", elle, "elle", double_backprop=False,
+                help=" (with --elle_adaptive its maximum)", schedule=adaptive_lambda,
+                options=lambda a: ElleOptions(a.elle_adaptive, a.elle_decay, a.elle_sensitivity),
+                flags=(("elle_adaptive", flag(bool, help="ELLE-A: ELLE's lambda starts at 0, jumps to --elle_lambda "
+                        "when the linearity error exceeds its running mean + --elle_sensitivity std, else decays")),
+                       ("elle_decay", flag(default=0.99, help="ELLE-A: lambda's factor at each iteration without a "
+                                                              "jump")),
+                       ("elle_sensitivity", flag(default=2.0, help="ELLE-A: standard deviations above the mean "
+                                                                   "that make lambda jump"))),
+                tags=(("elle_adaptive", "adaptive"),),
+                refuse=lambda a: [("elle_decay", "must be positive")] * (a.elle_decay <= 0)
+                + [("elle_sensitivity", "must be zero or positive")] * (a.elle_sensitivity < 0)
+                + [("elle_adaptive", "needs --elle_lambda, its maximum lambda")] * (a.elle_adaptive
+                                                                                     and a.elle_lambda <= 0)),
+)
+
+
+def stat_keys():
+    """The regularisers' step statistics, each zero where no term fills it (train_<key> in metrics.jsonl)."""
+    return tuple(dict.fromkeys(r.stat for r in REGULARISERS))
+
+
+@dataclass(frozen=True)
+class Term:
+    """A regulariser of this run, read from its flags once."""
+    row: Regulariser
+    coefficient: float  # 0: computed and logged only (logged_by)
+    through_attack_grad: bool
+    options: Any  # the row's own record
+
+    def __call__(self, model, x, y, radii, grad, loss_scale):
+        return self.row.term(model, x, y, radii, grad, loss_scale, self.options)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Everything a training iteration reads of the flags: the attack, the computed regularisers' terms (in
+    REGULARISERS' order), the optimiser and the precision."""
+    attack: Attack
+    terms: tuple  # of Term
+    adam: bool  # Adam (the original's CNN) or SGD with momentum (its ResNets)
+    lr: float
+    weight_decay: float
+    weight_clip: bool
+    half_dtype: torch.dtype | None  # autocast's, None: fp32
+    cuda_graph: bool
+
+    @classmethod
+    def from_flags(cls, args):
+        terms = tuple(Term(r, r.weight(args), r.through_attack_grad(args), r.options(args))
+                      for r in REGULARISERS if r.computed(args))
+        return cls(Attack.from_flags(args), terms, args.model == "cnn", args.lr_max, args.weight_decay,
+                   args.weight_clip, getattr(torch, args.amp_dtype) if args.half_prec else None, args.cuda_graph)
+
+    @property
+    def differentiable(self):
+        """The attack's input gradient is differentiated (a regulariser in effect goes through it)."""
+        return any(t.coefficient > 0 and t.through_attack_grad for t in self.terms)
+
+    @property
+    def loss_scaling(self):
+        """GradScaler's loss scaling: fp16 autocast only (bf16 has fp32's exponent range)."""
+        return self.half_dtype == torch.float16
+
+
+def uses_double_backprop(args):
+    return any(r.double_backprop and r.computed(args) for r in REGULARISERS)
+
+
+def build_optimizer(model, settings):
+    if settings.adam:
+        return torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=SGD_MOMENTUM,
+                           weight_decay=settings.weight_decay)
+
+
+def autocast_context(settings, device):
+    if settings.half_dtype is None:
+        return nullcontext()
+    # autocast's cache of cast weights would hold tensors of a graph's capture beyond it
+    return torch.autocast(device.type, dtype=settings.half_dtype, cache_enabled=not settings.cuda_graph)
+
+
+def losses(model, x, y, radii, settings, loss_scale, carried=None, net=None, coefficients=None):
     """Training loss (cross-entropy, then each regulariser's weighted term, as the original sums them) and its
-    parts, in the order of the original's forward passes (which all move BatchNorm statistics)."""
-    delta, grad = perturb(model, x, y, radii, args, loss_scale, carried)
+    parts, in the order of the original's forward passes (which all move BatchNorm statistics); coefficients
+    ({flag: 0-d tensor}) are the schedules' of this iteration."""
+    delta, grad = perturb(model, x, y, radii, settings.attack, settings.differentiable, loss_scale, carried)
     delta = delta.detach()
     logits = (net or model)(x + delta)
     total = ce = F.cross_entropy(logits, y)
-    stats = {"ce": ce.detach(), **{k: torch.zeros((), device=x.device) for k in STATS}}
-    for r in (r for r in REGULARISERS if r.computed(args)):
-        term = r.term(model, x, y, radii, args, grad, loss_scale)
-        weight = radii.coefficients.get(r.flag, r.weight(args))  # ELLE-A's lambda of this iteration
+    stats = {"ce": ce.detach(), **{k: torch.zeros((), device=x.device) for k in stat_keys()}}
+    for t in settings.terms:
+        term = t(model, x, y, radii, grad, loss_scale)
+        weight = (coefficients or {}).get(t.row.flag, t.coefficient)  # ELLE-A's lambda of this iteration
         weight = weight.to(term.dtype) if torch.is_tensor(weight) else weight  # as its float lambda times a tensor
-        if r.weight(args) > 0:
+        if t.coefficient > 0:
             total = total + weight * term
-        stats[r.stat] = (weight * term if r.stat == "reg" else term).detach()
+        stats[t.row.stat] = (weight * term if t.row.stat_weighted else term).detach()
     stats.update({"loss": total.detach(), "delta_abs": delta.abs().mean(), "correct": (logits.argmax(1) == y).sum(),
                   "grad_zero": (attacks.sign(grad) == 0).float().mean()})  # where a signed step moves nothing
     return total, stats, delta
@@ -229,42 +357,92 @@ def clip_weights(model):
             p.copy_(torch.where(p > -WEIGHT_CLIP_AT, p, -WEIGHT_CLIP_TO))
 
 
-def train_step(model, opt, scaler, autocast, x, y, radii, args, carried=None, net=None, update=True):
-    """One iteration: the losses, then (if update) one optimiser step. Returns per-step statistics (device
-    tensors, no sync) and the perturbation (Free-AT carries it to the next iteration).
+class TrainingStep:
+    """The training iterations of one run: built once from its model and StepSettings, it owns the optimiser, the
+    loss scaler, autocast, the CUDA graphs (--cuda_graph), Free-AT's carried perturbation and the regularisers'
+    coefficient schedules (ELLE-A's lambda). step(x, y, radii) returns per-step statistics (device tensors, no
+    sync).
 
-    net is the model wrapped for data-parallel training (DDP): the training loss goes through it, so its backward
-    averages the gradients (the regularisers' included) over processes; attacks use the bare model.
-    """
-    if not update:
-        return scaled_losses(model, scaler, autocast, x, y, radii, args, carried, net)[1:]
-    opt.zero_grad(set_to_none=True)
-    stats, delta = forward_backward(model, scaler, autocast, x, y, radii, args, carried, net)
-    optimiser_step(model, opt, scaler, args)
-    return stats, delta
+    fast is what the attacks and regularisers run (the model compiled with --compile); net, the model wrapped for
+    data-parallel training (DDP): the training loss goes through it, so its backward averages the gradients (the
+    regularisers' included) over processes."""
 
+    def __init__(self, model, settings, device, fast=None, net=None):
+        self.model, self.fast, self.net, self.settings = model, model if fast is None else fast, net, settings
+        self.opt = build_optimizer(model, settings)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.loss_scaling)
+        self.autocast = autocast_context(settings, device)
+        self.schedules = {t.row.flag: s for t in settings.terms if t.row.schedule
+                          for s in [t.row.schedule(t, device)] if s is not None}
+        self.stat_of = {t.row.flag: t.row.stat for t in settings.terms}
+        self.carried = None  # Free-AT's perturbation
+        self.graphed = GraphedSteps(self) if settings.cuda_graph else None
 
-def scaled_losses(model, scaler, autocast, x, y, radii, args, carried=None, net=None):
-    """losses() under autocast, its double backprop at the scaler's loss scale: (total, statistics, perturbation)."""
-    loss_scale = scaler.scale(torch.ones((), device=x.device))  # a tensor: reading it would sync
-    with autocast:
-        return losses(model, x, y, radii, args, loss_scale, carried, net)
+    def __call__(self, x, y, radii, update=True):
+        """One iteration: the losses, then (if update) one optimiser step and the schedules' update; without
+        update (the original's epoch 0) only the forward passes, which move BatchNorm statistics."""
+        if self.graphed and update:
+            stats = self.graphed(x, y, radii)
+        elif update:
+            stats, delta = self.update(x, y, radii, self.carried, self.net)
+        else:
+            _, stats, delta = self.scaled_losses(x, y, radii, self.carried)
+        if not (self.graphed and update) and self.settings.attack.carries:
+            self.carried = delta
+        for flag, schedule in self.schedules.items():
+            if update:  # the global batch's value: every process keeps the same coefficient
+                schedule.update(utils.global_mean(stats[self.stat_of[flag]]))
+        return stats
 
+    def update(self, x, y, radii, carried=None, net=None):
+        """The losses, backward and optimiser step: (statistics, perturbation)."""
+        self.opt.zero_grad(set_to_none=True)
+        stats, delta = self.forward_backward(x, y, radii, carried, net)
+        self.optimiser_step()
+        return stats, delta
 
-def forward_backward(model, scaler, autocast, x, y, radii, args, carried=None, net=None):
-    """The losses and the loss-scaled backward into the parameters' .grad: (statistics, perturbation)."""
-    total, stats, delta = scaled_losses(model, scaler, autocast, x, y, radii, args, carried, net)
-    scaler.scale(total).backward()
-    return stats, delta
+    def scaled_losses(self, x, y, radii, carried=None, net=None):
+        """losses() under autocast, its double backprop at the scaler's loss scale: (total, statistics,
+        perturbation)."""
+        loss_scale = self.scaler.scale(torch.ones((), device=x.device))  # a tensor: reading it would sync
+        coefficients = {flag: s.value for flag, s in self.schedules.items()}
+        with self.autocast:
+            return losses(self.fast, x, y, radii, self.settings, loss_scale, carried, net, coefficients)
 
+    def forward_backward(self, x, y, radii, carried=None, net=None):
+        """The losses and the loss-scaled backward into the parameters' .grad: (statistics, perturbation)."""
+        total, stats, delta = self.scaled_losses(x, y, radii, carried, net)
+        self.scaler.scale(total).backward()
+        return stats, delta
 
-def optimiser_step(model, opt, scaler, args):
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-    scaler.step(opt)
-    scaler.update()
-    if args.weight_clip:
-        clip_weights(model)
+    def optimiser_step(self):
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.settings.weight_clip:
+            clip_weights(self.model)
+
+    def loss_scale(self):
+        """The scaler's loss scale (a host sync), None when it does not scale."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def state_dict(self):
+        """What every process shares (the optimiser and the scaler)."""
+        return {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def own_state(self):
+        """What is this process's own: Free-AT's perturbation, and the schedules (kept per process, as before)."""
+        return {"carried_delta": None if self.carried is None else self.carried.detach().cpu(),
+                "schedules": {flag: s.state_dict() for flag, s in self.schedules.items()}}
+
+    def load_state_dict(self, shared, own, device):
+        self.opt.load_state_dict(shared["optimizer"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.carried = None if own["carried_delta"] is None else own["carried_delta"].to(device)
+        saved = own.get("schedules", {"elle_lambda": own.get("elle_a")})  # checkpoints before schedules had names
+        for flag, schedule in self.schedules.items():
+            schedule.load_state_dict(saved[flag])
 
 
 class GraphedSteps:
@@ -281,9 +459,9 @@ class GraphedSteps:
     distributions as an eager run, other numbers. A capture that fails (say, out of memory for the graph's pool)
     is logged once, and the run goes on eagerly."""
 
-    def __init__(self, model, opt, scaler, autocast, args):
-        self.model, self.opt, self.scaler, self.autocast, self.args = model, opt, scaler, autocast, args
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, step):
+        self.step, self.model, self.opt = step, step.model, step.opt
+        self.params = [p for p in step.model.parameters() if p.requires_grad]
         self.previous = self.key = self.graph = self.side = self.failure = None
 
     def __call__(self, x, y, radii):
@@ -302,13 +480,12 @@ class GraphedSteps:
         self.graph.replay()
         for p, grad in zip(self.params, self.grads, strict=True):
             p.grad = grad  # an eager iteration since the capture left the parameters other .grad tensors
-        optimiser_step(self.model, self.opt, self.scaler, self.args)
+        self.step.optimiser_step()
         return self.stats
 
     def _eager(self, x, y, radii):
         self.side = self.side or torch.cuda.Stream()
-        return utils.on_side_stream(self.side, lambda: train_step(self.model, self.opt, self.scaler, self.autocast, x,
-                                                                  y, radii, self.args)[0])
+        return utils.on_side_stream(self.side, lambda: self.step.update(x, y, radii)[0])
 
     def _capture(self, x, y, radii, key):
         self.graph = self.key = self.stats = self.grads = None  # the old graph's pool is freed before the new one
@@ -324,7 +501,7 @@ class GraphedSteps:
 
     def captured(self):
         """What the graph holds: the losses and backward on its input tensors (run once, at capture)."""
-        return forward_backward(self.model, self.scaler, self.autocast, self.x, self.y, self.radii, self.args)[0]
+        return self.step.forward_backward(self.x, self.y, self.radii)[0]
 
 
 # ---------------------------------------------------------------- presets
@@ -354,20 +531,3 @@ PRESETS = {  # --preset NAME: these flags in its place (flags after it override 
     "gradsum_fd": Preset(f"{FGSM} --grad_input_sum_fd_coeff=10",
                          "GradSum's λ, its norm by a finite difference (no double backprop)"),
 }
-
-
-def grad_scaler(args):
-    """GradScaler's loss scaling, on for fp16 autocast only (bf16 has fp32's exponent range)."""
-    return torch.amp.GradScaler(args.device.type, enabled=args.half_prec and args.amp_dtype == "float16")
-
-
-def current_loss_scale(scaler):
-    """The scaler's loss scale (a host sync), None when it does not scale."""
-    return scaler.get_scale() if scaler.is_enabled() else None
-
-
-def autocast_context(args):
-    if not args.half_prec:
-        return nullcontext()
-    # autocast's cache of cast weights would hold tensors of a graph's capture beyond it
-    return torch.autocast(args.device.type, dtype=getattr(torch, args.amp_dtype), cache_enabled=not args.cuda_graph)

@@ -338,3 +338,25 @@ def configure_conv(model, explicit_double_backward=False):
     for m in model.modules():
         if isinstance(m, Conv2d):
             m.explicit_double_backward = explicit_double_backward
+
+
+def model_from_args(args, dataset, double_backprop=False):
+    """The run's network for this dataset, freshly initialised as the original does, its BatchNorm and
+    convolutions set up for the run's double backprop (methods.uses_double_backprop)."""
+    mean_std = dataset.mean_std() if args.input_normalization == "dataset" else None
+    model = build_model(args.model, dataset.n_classes, dataset.in_channels, dataset.image_size, mean_std,
+                        args.n_layers, args.n_filters_cnn)
+    configure_double_backward(model, args, double_backprop)
+    return model
+
+
+def configure_double_backward(model, args, double_backprop):
+    """BatchNorm and convolutions for the run's regularisers. With double backprop: BatchNorm's closed-form double
+    backward (its sums in fp32 at least) unless --bn_double_backward=autograd, BatchNorm in fp32 under autocast with
+    --bn_float32 or with autograd's double backward (which overflows fp16 at the loss scale); the convolutions'
+    explicit double backward unless --conv_double_backward=autograd."""
+    double = double_backprop
+    closed_form = args.bn_double_backward == "closed_form"
+    float32 = double and args.half_prec and (args.bn_float32 or not closed_form)
+    configure_batchnorm(model, float32_under_autocast=float32, closed_form_double_backward=double and closed_form)
+    configure_conv(model, explicit_double_backward=double and args.conv_double_backward == "explicit")

@@ -26,6 +26,7 @@ import config
 import evaluation
 import health
 import methods
+import runs as saved_runs  # 'runs' names run directories here
 import utils
 
 COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last", "pgd_acc", "{pgd}"),
@@ -58,7 +59,7 @@ def computational_flags(args):
 
 def load_run(run_dir):
     """The Run of a finished run directory, or None if unfinished."""
-    args = config.load_args(run_dir)
+    args = saved_runs.load_args(run_dir)
     finals = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "final"]
     if not finals:
         return None
@@ -70,7 +71,7 @@ def load_run(run_dir):
     protocol = finals[0].get("protocol", {}).get("label") or evaluation.pgd_protocol(
         args.final_attack_iters, args.final_n_restarts, args.eps * evaluation.PGD_STEP_FRACTION,
         finals[0].get("n_points", 0), None)["label"]  # runs saved before rows named their protocol
-    fingerprint = config.saved_extras(run_dir).get("_data", {}).get("fingerprint")
+    fingerprint = saved_runs.saved_extras(run_dir).get("_data", {}).get("fingerprint")
     return Run(run_dir, computational_flags(args), fingerprint, args.seed, protocol, values, wall_s)
 
 
@@ -88,22 +89,22 @@ TITLE_CHARS = 90  # characters per line of a plot title at its font size and the
 def plot_curves(run_dirs, path, title):
     """Accuracy curves averaged over the runs (seeds), with learning rate and training eps beneath, as PNG."""
     plt = utils.pyplot()
-    runs = [periodic_rows(d) for d in run_dirs]
-    n = min(len(r) for r in runs)
+    curves = [periodic_rows(d) for d in run_dirs]
+    n = min(len(r) for r in curves)
     if n == 0:
         return False
-    iters = [row["iteration"] for row in runs[0][:n]]
-    mean = lambda key: [statistics.mean(r[i][key] for r in runs) for i in range(n)]  # noqa: E731
+    iters = [row["iteration"] for row in curves[0][:n]]
+    mean = lambda key: [statistics.mean(r[i][key] for r in curves) for i in range(n)]  # noqa: E731
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1.3))
     for key, label, color, style in CURVES:
         top.plot(iters, [100 * v for v in mean(key)], style, color=color, label=label)
-    for k, onset in enumerate(health.co_onset(r) for r in runs):
+    for k, onset in enumerate(health.co_onset(r) for r in curves):
         if onset is not None:  # one dashed line per seed that overfitted catastrophically
             top.axvline(onset["iteration"], color="gray", linestyle="--", label="CO" if k == 0 else None)
     top.set_ylabel("accuracy (%)")
     top.set_ylim(0, 100)
     top.legend(loc="upper left", fontsize=8)
-    title = f"{title} ({len(runs)} run{'s' * (len(runs) > 1)})"
+    title = f"{title} ({len(curves)} run{'s' * (len(curves) > 1)})"
     top.set_title("\n".join(textwrap.wrap(title, TITLE_CHARS)), fontsize=10)  # long flags would clip
     bottom.plot(iters, mean("lr"), color="black")
     bottom.set_ylabel("learning rate")
@@ -159,7 +160,7 @@ def plot_filters(ckpt, path, title, per_row=16):
     """The first layer's filters of the last and the early-stopped model, one block of rows each; every filter
     scaled to [0, 1] on its own (RGB for three input channels, grey otherwise)."""
     plt = utils.pyplot()
-    states = {m: s for m, s in config.saved_models(ckpt).items() if m in ("last", "early_stopped")}
+    states = {m: s for m, s in saved_runs.saved_models(ckpt).items() if m in ("last", "early_stopped")}
     filters = {m: first_layer_filters(s).float() for m, s in states.items()}
     n = len(next(iter(filters.values())))
     cols, rows = min(n, per_row), math.ceil(n / per_row)
@@ -439,12 +440,12 @@ def write_plots(run_dirs, folder, allow_duplicate_seeds=False):
         dirs, name, title = [run.dir for run in runs], group_name(runs[0], apart[key]), group_title(runs[0], apart[key])
         for run in runs:
             d = run.dir
-            plot_curves([d], os.path.join(d, "curves.png"), f"{title}, seed {run.seed} ({config.run_name(d)})")
+            plot_curves([d], os.path.join(d, "curves.png"), f"{title}, seed {run.seed} ({saved_runs.run_name(d)})")
             found = fgsm_sweep(d)
             if found:
                 sweeps, eps = found
                 plot_fgsm_sweeps({m: [s] for m, s in sweeps.items()}, eps, os.path.join(d, "fgsm_sweep.png"),
-                                 f"FGSM step sweep: {config.run_name(d)}")
+                                 f"FGSM step sweep: {saved_runs.run_name(d)}")
                 if "last" in sweeps:
                     last_sweeps.setdefault(name, []).append(sweeps["last"])
         path = os.path.join(folder, name + ".png")
@@ -462,7 +463,7 @@ def write_plots(run_dirs, folder, allow_duplicate_seeds=False):
 def write_filters(run_dirs, folder=None):
     """RUN/filters.png for each run, and DIR/<run name>-filters.png with --plots DIR."""
     for d in run_dirs:
-        ckpt, name = config.load_checkpoint(d, "--filters"), config.run_name(d)
+        ckpt, name = saved_runs.load_checkpoint(d, "--filters"), saved_runs.run_name(d)
         paths = [os.path.join(d, "filters.png")] + ([os.path.join(folder, f"{name}-filters.png")] if folder else [])
         plot_filters(ckpt, paths[0], f"first-layer filters: {name}")
         for path in paths[1:]:

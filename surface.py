@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import attacks
-import config
 import data
+import runs
 import utils
 from config import UsageError
 
@@ -89,7 +89,7 @@ def plot(coords, loss, pred, linf, label, classes, title, path):
 
 
 def build_parser():
-    p = config.saved_run_parser(__doc__, default_models=("last",), seed_help="seed of the random direction")
+    p = runs.saved_run_parser(__doc__, default_models=("last",), seed_help="seed of the random direction")
     p.add_argument("--n_images", type=int, default=4, help="the first this many test images")
     p.add_argument("--range", nargs=2, type=float, default=[-2.0, 2.0], metavar=("LOW", "HIGH"),
                    help="coordinates along both directions, in units of eps")
@@ -107,7 +107,7 @@ def prepare(argv):
             raise UsageError(f"--{flag}={getattr(opts, flag)}: must be at least {2 if flag == 'grid' else 1}")
     if not opts.range[0] < opts.range[1]:
         raise UsageError(f"--range={opts.range}: LOW must be below HIGH")
-    saved = config.open_saved_run(opts)
+    saved = runs.open_saved_run(opts)
     opts.out = opts.out or os.path.join(opts.run, "surfaces")
     try:
         os.makedirs(opts.out, exist_ok=True)
@@ -123,7 +123,7 @@ def draw_surfaces(saved, name, xs, ys, opts):
     for i, (x, y) in enumerate(zip(xs.to(saved.device), ys.to(saved.device), strict=True)):
         u, v = plane(saved.model, x, y, opts.eps / 255, generator)
         loss, pred = loss_surface(saved.model, x, y, u, v, coords.to(saved.device), opts.batch_size, opts.clip)
-        title = (f"{config.run_name(opts.run)}, {name} model, test image {i} "
+        title = (f"{runs.run_name(opts.run)}, {name} model, test image {i} "
                  f"({saved.dataset.classes[int(y)]}), eps {opts.eps:g}/255")
         path = os.path.join(opts.out, f"{name}-image{i}.png")
         plot(coords, loss, pred, linf_in_units(u, v, coords), int(y), saved.dataset.classes, title, path)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -21,133 +22,71 @@ import estimate
 import evaluation
 import health
 import methods
+import models
+import runs
 import schedules
 import utils
 from config import UsageError
 
 SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
-STEP_MEANS = ("loss", *methods.STATS, "delta_abs", "grad_zero")  # batch means, summed weighted by the batch size
-METER_KEYS = (*STEP_MEANS, "correct")  # summed over a period's steps
 STOP_SYNC_ITERS = 5  # under torchrun, processes agree on a stop signal every this many iterations (well inside
 # Slurm's KillWait of 30 s between its SIGTERM and SIGKILL)
 RUN_LOCKED_EXIT = 75  # EX_TEMPFAIL: another process holds the run directory; the scripts report "running elsewhere"
 
 
-# ---------------------------------------------------------------- loop
-
-def cpu_copy(model):
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def process_share(indices):
-    """This process's share of the points: every world_size-th one, from its rank."""
-    return indices[utils.rank()::utils.world_size()]
-
-
-class TrainingUnhealthy(Exception):
-    """--stop_on_warning: a health warning ends the run."""
-
+# ---------------------------------------------------------------- the loop
 
 class Trainer:
-    """Holds the run's state; train_epoch runs one training epoch with its periodic evaluations."""
+    """The run's loop: epochs of batches, the periodic evaluations on their schedule, checkpoints and stops. What
+    an iteration computes is its TrainingStep's (methods.py); what an evaluation watches, its Monitor's
+    (health.py)."""
 
     def __init__(self, args, dataset, run_dir, log):
         self.args, self.run_dir, self.log = args, run_dir, log
-        dev = args.device
-        train_idx = evaluation.first_points(len(dataset.train_y), args.n_train)
-        self.n_train_full = len(dataset.train_y)
-        self.train_x, self.train_y = dataset.train_x[train_idx].to(dev), dataset.train_y[train_idx].to(dev)
-        self.padding, self.flip = dataset.crop_padding, dataset.flip
-        n_eval = args.n_eval_every_k_iter
-        test_idx = process_share(evaluation.first_points(len(dataset.test_y), n_eval))
-        # the original draws its training points in full training batches (drop_last)
-        train_eval_idx = process_share(evaluation.first_points(len(self.train_y), n_eval - n_eval % args.batch_size))
-        self.eval_sets = {"test": (dataset.test_x[test_idx].to(dev), dataset.test_y[test_idx].to(dev)),
-                          "train": (self.train_x[train_eval_idx.to(dev)], self.train_y[train_eval_idx.to(dev)])}
-        self.model = self.build_model(dataset).to(dev)
-        if utils.is_distributed() and args.sync_bn and dev.type == "cuda":  # SyncBatchNorm needs NCCL
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if args.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.fast = torch.compile(self.model) if args.compile else self.model  # what the training step runs
-        self.net = None  # the DDP wrapper under torchrun: the training loss goes through it
-        if utils.is_distributed():
-            self.net = torch.nn.parallel.DistributedDataParallel(self.fast,
-                                                                 device_ids=[dev] if dev.type == "cuda" else None)
-        self.opt = methods.build_optimizer(self.model, args)
-        self.scaler = methods.grad_scaler(args)
-        self.autocast = methods.autocast_context(args)
-        self.graphed = (methods.GraphedSteps(self.model, self.opt, self.scaler, self.autocast, args)
-                        if args.cuda_graph else None)
+        self.data = training_data(dataset, args.n_train, args.n_eval_every_k_iter, args.batch_size, args.device)
+        self.model, fast, net = build_networks(args, dataset)
+        self.settings = methods.StepSettings.from_flags(args)
+        self.step = methods.TrainingStep(self.model, self.settings, args.device, fast, net)
+        self.protocol = evaluation.Protocol.from_flags(args)
         self.restart = evaluation.GraphedRestarts(self.model) if args.cuda_graph else attacks.pgd_restart  # eval PGD
-        self.n_batches = data.n_train_batches(len(self.train_y), args.batch_size)
+        # the training's precision, which the original's apex O1 leaves on for its periodic evaluations
+        self.eval_autocast = self.step.autocast if args.half_prec and not args.periodic_eval_fp32 else None
+        self.n_batches = data.n_train_batches(len(self.data.y), args.batch_size)
         self.total_iters = args.epochs * self.n_batches
         self.iteration, self.epoch, self.metrics = 0, 0, []
         self.batch_in_epoch = 0  # batches of epoch self.epoch + 1 already trained (a run stopped within an epoch)
         self.previous = None  # the batch that Free-AT's replay repeats
         self.stop = utils.StopSignals()  # main() activates it; a Trainer made elsewhere is never asked to stop
         self.lines = utils.ProgressLines(args.progress_every_s)  # made again where a resumed run starts
-        initial = cpu_copy(self.model)  # the original's early stopping starts from the initial weights, at 0
-        self.kept = {name: {"state": initial, "iteration": 0, "acc": 0.0} for name in ("early_stopped", "best_test")}
-        self.carried_delta = None
-        self.elle_a = (methods.AdaptiveLambda(args.elle_lambda, args.elle_decay, args.elle_sensitivity, dev)
-                       if args.elle_adaptive else None)
+        self.monitor = health.Monitor(self.settings, cpu_copy(self.model))  # kept models start from the initial ones
+        self.meters = Meters(args.device, watch_ce=self.step.scaler.is_enabled())
         self.periodic_eval_s = 0.0  # wall time of this process's periodic evaluations (timing.json)
         self.time_before = {"train_s": 0.0, "segments": 0}  # training time of a resumed run's earlier processes
         self.segment_start, self.train_end = time.time(), None
-        self.first_nonfinite = torch.full((), -1, device=dev)  # iteration of the first non-finite loss, on device
-        self.reset_meters()
-
-    def build_model(self, dataset):
-        a = self.args
-        model = config.model_from_args(a, dataset)
-        if a.load_model:
-            model.load_state_dict(config.load_checkpoint(a.load_model, "--load_model")["model"])
-        return model
-
-    def reset_meters(self):
-        self.meters = {k: torch.zeros((), device=self.args.device) for k in METER_KEYS}
-        self.meters["count"] = 0
 
     def radii(self, epoch):
         """This iteration's StepRadii (self.iteration counts the optimiser steps so far, this one included)."""
         a = self.args
-        warmup = 1.0
-        if a.dataset == "svhn":
-            warmup = min(self.iteration / (SVHN_WARMUP_EPOCHS * self.n_train_full // a.batch_size), 1.0)
+        warmup = (min(self.iteration / (SVHN_WARMUP_EPOCHS * self.data.n_full // a.batch_size), 1.0)
+                  if a.dataset == "svhn" else 1.0)
         vfsat_eps = schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list) / 255
-        coefficients = {"elle_lambda": self.elle_a.value} if self.elle_a else {}
         return methods.StepRadii(eps=a.eps / 255, fgsm_eps=vfsat_eps, pgd_eps=warmup * a.eps / 255,
-                                 fgsm_alpha=warmup * a.fgsm_alpha, warmup=warmup, coefficients=coefficients,
+                                 fgsm_alpha=warmup * a.fgsm_alpha, warmup=warmup,
                                  reg_eps=vfsat_eps if a.vfsat_reg_eps else a.eps / 255)
 
     def batches(self, epoch, skip=0):
-        a = self.args
+        a, d = self.args, self.data
         gen = data.epoch_generator(a.seed, epoch, a.device)
-        for x, y in data.train_batches(self.train_x, self.train_y, a.batch_size, gen, self.padding, self.flip,
-                                       utils.rank(), utils.world_size(), skip):
+        for x, y in data.train_batches(d.x, d.y, a.batch_size, gen, d.padding, d.flip, utils.rank(),
+                                       utils.world_size(), skip):
             yield (x.contiguous(memory_format=torch.channels_last) if a.channels_last else x), y
-
-    def step(self, x, y, epoch, update=True):
-        a = self.args
-        if self.graphed and update:
-            stats = self.graphed(x, y, self.radii(epoch))
-        else:
-            stats, delta = methods.train_step(self.fast, self.opt, self.scaler, self.autocast, x, y,
-                                              self.radii(epoch), a, self.carried_delta, self.net if update else None,
-                                              update)
-            if methods.carries_perturbation(a):
-                self.carried_delta = delta
-        if self.elle_a and update:  # the global batch's error: every process keeps the same lambda
-            self.elle_a.update(utils.global_mean(stats["elle"]))
-        return stats
 
     def epoch_zero(self):
         """The original's epoch 0: one batch through the whole step without the optimiser step (its forward
         passes still move BatchNorm statistics, and Free-AT's perturbation is carried on)."""
         self.model.train()
         x, y = next(self.batches(0))
-        self.step(x, y, 0, update=False)
+        self.step(x, y, self.radii(0), update=False)
 
     def train_epoch(self):
         """Training epoch self.epoch + 1 (1-based, as the original counts them), from its batch
@@ -155,7 +94,7 @@ class Trainer:
         a, epoch, first = self.args, self.epoch + 1, self.batch_in_epoch
         self.model.train()
         if first == 0:
-            self.reset_meters()  # the original's running averages restart with each epoch
+            self.meters.reset()  # the original's running averages restart with each epoch
             self.previous = None
         batches = utils.progress(self.batches(epoch, skip=first), self.n_batches - first, f"epoch {epoch}/{a.epochs}")
         for i, (x, y) in enumerate(batches, first):
@@ -164,13 +103,13 @@ class Trainer:
             self.previous = x, y
             self.iteration += 1
             lr = schedules.learning_rate(a.lr_schedule, a.lr_max, epoch - 1 + (i + 1) / self.n_batches, a.epochs)
-            for group in self.opt.param_groups:
+            for group in self.step.opt.param_groups:
                 group["lr"] = lr
-            self.record_step(self.step(x, y, epoch), len(y))
+            self.meters.add(self.step(x, y, self.radii(epoch)), len(y), self.iteration)
             if self.iteration % a.eval_iter_freq == 0 and epoch > a.start_eval_epoch:
                 self.evaluate(lr, schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list))
             self.batch_in_epoch = i + 1
-            self.log_progress(epoch)
+            log_progress(self, epoch)
             if self.batch_in_epoch < self.n_batches and self.stop_asked():
                 self.save_checkpoint()
                 raise utils.StopRequested(self.where())
@@ -195,32 +134,10 @@ class Trainer:
             else f", the end of epoch {self.epoch}"
         return f"iteration {self.iteration}/{self.total_iters}{within}"
 
-    def log_progress(self, epoch):
-        """Off a terminal: iteration, epoch, pace, the training loss and accuracy so far, and the run's ETA."""
-        if not self.lines.due(self.batch_in_epoch, self.n_batches):
-            return
-        m = self.meters
-        n = m["count"]  # 0 right after a periodic evaluation, which starts the running sums again
-        so_far = f" | loss {float(m['loss']) / n:.4f} acc {100 * float(m['correct']) / n:.1f}" if n else ""
-        self.log.info(f"progress: iter {self.iteration}/{self.total_iters} epoch {epoch}/{self.args.epochs} (batch "
-                      f"{self.batch_in_epoch}/{self.n_batches}) | {self.lines.rate(self.iteration):.2f} it/s{so_far} | "
-                      f"ETA {self.lines.eta(self.iteration, self.total_iters)} (training)")
-
-    def record_step(self, stats, n):
-        m = self.meters
-        for key in STEP_MEANS:
-            m[key] += stats[key] * n
-        m["correct"] += stats["correct"]
-        m["count"] += n
-        # under fp16 loss scaling an overflowing regulariser only skips the step: watch the cross-entropy
-        watched = stats["ce"] if self.scaler.is_enabled() else stats["loss"]
-        first_bad = (self.first_nonfinite < 0) & ~torch.isfinite(watched)
-        self.first_nonfinite = torch.where(first_bad, self.iteration, self.first_nonfinite)
-
     def check_finite(self):
-        bad = int(max(utils.all_gather(int(self.first_nonfinite))))  # every process stops together
+        bad = int(max(utils.all_gather(int(self.meters.first_nonfinite))))  # every process stops together
         if bad >= 0:
-            kept = (f"{self.run_dir}/{config.CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
+            kept = (f"{self.run_dir}/{runs.CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
                     else "no epoch had finished, so there is no checkpoint")
             hint = (" (GradAlign with no example of two non-zero gradients is NaN in the original: "
                     "--fix_gradalign_empty makes it 0)" if self.args.grad_align_cos_lambda else "")
@@ -230,45 +147,23 @@ class Trainer:
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
         utils.broadcast_buffers(self.model)  # every process evaluates (and keeps) process 0's model, the saved one
-        *sums, count = utils.global_sum(*(self.meters[k] for k in METER_KEYS + ("count",)))
         row = {"kind": "periodic", "iteration": self.iteration, "epoch": round(self.iteration / self.n_batches, 4),
-               "lr": lr, "train_eps": train_eps_px,
-               **{f"train_{'acc' if k == 'correct' else k}": v / count for k, v in zip(METER_KEYS, sums, strict=True)}}
-        if self.elle_a:
-            row["elle_lambda"] = float(self.elle_a.value)
-        loss_scale = methods.current_loss_scale(self.scaler)  # one host read: the evaluation changes no scale
+               "lr": lr, "train_eps": train_eps_px, **self.meters.means(),
+               **{flag: float(s.value) for flag, s in self.step.schedules.items()}}
+        loss_scale = self.step.loss_scale()  # one host read: the evaluation changes no scale
         start = time.time()
-        row.update(evaluation.periodic_eval(self.model, self.eval_sets, self.args.eps / 255, self.args, self.restart,
-                                            *self.eval_precision(loss_scale)))
+        row.update(evaluation.periodic_eval(self.model, self.data.eval_sets, self.protocol, self.restart,
+                                            self.eval_autocast, loss_scale if self.eval_autocast else None))
         self.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
         if loss_scale is not None:
             row["loss_scale"] = loss_scale
-        self.reset_meters()
-        previous = next((r for r in reversed(self.metrics) if r["kind"] == "periodic"), None)
-        row["warnings"] = health.period_warnings(row, previous, self.args)
-        self.metrics.append(row)
-        for name, key in (("early_stopped", "train_pgd_acc"), ("best_test", "test_pgd_acc")):
-            if row[key] > self.kept[name]["acc"]:  # strict, from 0 with the initial weights, as the original
-                self.kept[name] = {"state": cpu_copy(self.model), "iteration": self.iteration, "acc": row[key]}
-        co_seen = any(r.get("catastrophic_overfitting") for r in self.metrics)
-        row["catastrophic_overfitting"] = not co_seen and health.co_onset(self.metrics) is row
+        self.meters.reset()
+        self.monitor.observe(row, self.metrics, lambda: cpu_copy(self.model))
         self.write_metrics()
-        self.log.info(format_row(row))
-        if row["catastrophic_overfitting"]:
-            self.log.info(f"catastrophic overfitting at iteration {row['iteration']} (epoch {row['epoch']:g}): test "
-                          f"PGD {100 * row['test_pgd_acc']:.1f}%, FGSM {100 * row['test_fgsm_acc']:.1f}%")
-        for line in row["warnings"]:
-            self.log.warning(f"warning: {line}")
+        log_evaluation(self.log, row, self.step.schedules)
         if row["warnings"] and self.args.stop_on_warning:
             raise TrainingUnhealthy(f"stopped by --stop_on_warning at iteration {row['iteration']}: "
                                     f"{row['warnings'][0]}")
-
-    def eval_precision(self, loss_scale):
-        """The periodic evaluation's autocast context and loss scale (None: neither): the training's, which the
-        original's apex O1 leaves on for it; fp32 with --periodic_eval_fp32."""
-        if not self.args.half_prec or self.args.periodic_eval_fp32:
-            return None, None
-        return self.autocast, loss_scale
 
     def write_metrics(self):
         if utils.rank() == 0:
@@ -278,80 +173,189 @@ class Trainer:
         """Everything needed to continue exactly from this iteration, at an epoch's end or within it; what differs
         between processes (random generators, Free-AT perturbation, running sums, the replayed batch) is kept for
         each of them."""
-        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-        own = {"rng": utils.rng_state(), "carried_delta": cpu(self.carried_delta),
-               "meters": {k: cpu(v) if torch.is_tensor(v) else v for k, v in self.meters.items()},
-               "first_nonfinite": cpu(self.first_nonfinite),
-               "elle_a": self.elle_a.state_dict() if self.elle_a else None,
-               "previous": None if self.previous is None or self.args.minibatch_replay == 1 else
-               tuple(cpu(t) for t in self.previous)}
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
-                "batch_in_epoch": self.batch_in_epoch, "periodic_eval_s": self.periodic_eval_s, "time": self.elapsed(),
-                "kept": self.kept, "metrics": self.metrics, "processes": utils.all_gather(own),
-                "args": config.args_to_dict(self.args)}
+        replayed = self.previous is not None and self.args.minibatch_replay > 1
+        own = {"rng": utils.rng_state(), **self.step.own_state(), **self.meters.state_dict(),
+               "previous": tuple(t.detach().cpu() for t in self.previous) if replayed else None}
+        return {"model": self.model.state_dict(), **self.step.state_dict(), "epoch": self.epoch,
+                "iteration": self.iteration, "batch_in_epoch": self.batch_in_epoch,
+                "periodic_eval_s": self.periodic_eval_s, "time": self.elapsed(), "kept": self.monitor.kept,
+                "metrics": self.metrics, "processes": utils.all_gather(own), "args": config.args_to_dict(self.args)}
 
     def load_state_dict(self, state):
-        dev = self.args.device
+        dev, own = self.args.device, state["processes"][utils.rank()]
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.iteration, self.kept, self.metrics = (state[k] for k in ("epoch", "iteration", "kept",
-                                                                                  "metrics"))
+        self.step.load_state_dict(state, own, dev)
+        self.epoch, self.iteration, self.metrics = state["epoch"], state["iteration"], state["metrics"]
+        self.monitor.kept = state["kept"]
         self.batch_in_epoch, self.periodic_eval_s = state.get("batch_in_epoch", 0), state.get("periodic_eval_s", 0.0)
         self.time_before = state.get("time", self.time_before)  # checkpoints before it counted one segment
-        own = state["processes"][utils.rank()]
-        self.carried_delta = None if own["carried_delta"] is None else own["carried_delta"].to(dev)
         if "meters" in own:  # checkpoints written within an epoch; older ones were all written at its end
-            self.meters.update({k: v.to(dev) if torch.is_tensor(v) else v for k, v in own["meters"].items()})
-            self.first_nonfinite = own["first_nonfinite"].to(dev)
+            self.meters.load_state_dict(own)
             self.previous = None if own["previous"] is None else tuple(t.to(dev) for t in own["previous"])
-        if self.elle_a:
-            self.elle_a.load_state_dict(own["elle_a"])
         utils.set_rng_state(own["rng"])
 
     def save_checkpoint(self):
         state = self.state_dict()  # a collective: every process takes part
         if utils.rank() == 0:
-            utils.atomic_torch_save(state, os.path.join(self.run_dir, config.CHECKPOINT))
-
-    def check_replicas(self):
-        """Raise unless every process holds the same weights (what data-parallel training guarantees) and the
-        same buffers (BatchNorm statistics, broadcast from process 0 before it)."""
-        sums = [torch.cat([t.detach().double().flatten() for t in ts]).sum().item()
-                for ts in (list(self.model.parameters()), list(self.model.buffers()) or [torch.zeros(1)])]
-        everyone = utils.all_gather(sums)
-        if any(s != everyone[0] for s in everyone):
-            raise RuntimeError(f"processes hold different weights or buffers ((parameter, buffer) sums {everyone})")
-        return len(everyone)
+            utils.atomic_torch_save(state, os.path.join(self.run_dir, runs.CHECKPOINT))
 
 
-def format_row(row):
+# ---------------------------------------------------------------- its pieces
+
+def cpu_copy(model):
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def process_share(indices):
+    """This process's share of the points: every world_size-th one, from its rank."""
+    return indices[utils.rank()::utils.world_size()]
+
+
+class TrainingUnhealthy(Exception):
+    """--stop_on_warning: a health warning ends the run."""
+
+
+class TrainingData(NamedTuple):
+    x: torch.Tensor  # the training images (uint8) on the device
+    y: torch.Tensor
+    eval_sets: dict  # the periodic evaluation's fixed points: {"test": (x, y), "train": (x, y)}, this process's
+    n_full: int  # images in the whole training set (SVHN's warm-up counts its batches)
+    padding: int  # the augmentation's crop padding, pixels
+    flip: bool
+
+
+def training_data(dataset, n_train, n_eval, batch_size, device):
+    """The first n_train training images (all for -1), and the first n_eval test and training points."""
+    train_idx = evaluation.first_points(len(dataset.train_y), n_train)
+    x, y = dataset.train_x[train_idx].to(device), dataset.train_y[train_idx].to(device)
+    test_idx = process_share(evaluation.first_points(len(dataset.test_y), n_eval))
+    # the original draws its training points in full training batches (drop_last)
+    train_eval_idx = process_share(evaluation.first_points(len(y), n_eval - n_eval % batch_size)).to(device)
+    eval_sets = {"test": (dataset.test_x[test_idx].to(device), dataset.test_y[test_idx].to(device)),
+                 "train": (x[train_eval_idx], y[train_eval_idx])}
+    return TrainingData(x, y, eval_sets, len(dataset.train_y), dataset.crop_padding, dataset.flip)
+
+
+def build_networks(args, dataset):
+    """The model (initialised, or --load_model's weights; SyncBatchNorm, memory format), what the training step
+    runs (compiled with --compile) and the DDP wrapper under torchrun that the training loss goes through."""
+    dev = args.device
+    model = models.model_from_args(args, dataset, methods.uses_double_backprop(args))
+    if args.load_model:
+        model.load_state_dict(runs.load_checkpoint(args.load_model, "--load_model")["model"])
+    model = model.to(dev)
+    if utils.is_distributed() and args.sync_bn and dev.type == "cuda":  # SyncBatchNorm needs NCCL
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fast = torch.compile(model) if args.compile else model
+    net = None
+    if utils.is_distributed():
+        net = torch.nn.parallel.DistributedDataParallel(fast, device_ids=[dev] if dev.type == "cuda" else None)
+    return model, fast, net
+
+
+class Meters:
+    """A period's sums of the step statistics (batch means weighted by the batch size; the correct count) and the
+    iteration of the first non-finite training loss, as device tensors: no host sync per iteration."""
+
+    def __init__(self, device, watch_ce):
+        self.keys = ("loss", *methods.stat_keys(), "delta_abs", "grad_zero", "correct")
+        self.device = device
+        self.watch_ce = watch_ce  # under fp16 loss scaling an overflowing regulariser only skips the step
+        self.first_nonfinite = torch.full((), -1, device=device)
+        self.reset()
+
+    def reset(self):
+        self.sums = {k: torch.zeros((), device=self.device) for k in self.keys}
+        self.sums["count"] = 0
+
+    def add(self, stats, n, iteration):
+        s = self.sums
+        for key in self.keys[:-1]:
+            s[key] += stats[key] * n
+        s["correct"] += stats["correct"]
+        s["count"] += n
+        watched = stats["ce"] if self.watch_ce else stats["loss"]
+        first_bad = (self.first_nonfinite < 0) & ~torch.isfinite(watched)
+        self.first_nonfinite = torch.where(first_bad, iteration, self.first_nonfinite)
+
+    def means(self):
+        """{train_<key>: the period's mean over all processes} (train_acc for the correct count)."""
+        *sums, count = utils.global_sum(*(self.sums[k] for k in (*self.keys, "count")))
+        return {f"train_{'acc' if k == 'correct' else k}": v / count for k, v in zip(self.keys, sums, strict=True)}
+
+    def state_dict(self):
+        cpu = lambda t: t.detach().cpu() if torch.is_tensor(t) else t  # noqa: E731
+        return {"meters": {k: cpu(v) for k, v in self.sums.items()}, "first_nonfinite": cpu(self.first_nonfinite)}
+
+    def load_state_dict(self, own):
+        self.sums.update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in own["meters"].items()})
+        self.first_nonfinite = own["first_nonfinite"].to(self.device)
+
+
+def log_progress(trainer, epoch):
+    """Off a terminal: iteration, epoch, pace, the training loss and accuracy so far, and the run's ETA."""
+    t = trainer
+    if not t.lines.due(t.batch_in_epoch, t.n_batches):
+        return
+    m = t.meters.sums
+    n = m["count"]  # 0 right after a periodic evaluation, which starts the running sums again
+    so_far = f" | loss {float(m['loss']) / n:.4f} acc {100 * float(m['correct']) / n:.1f}" if n else ""
+    t.log.info(f"progress: iter {t.iteration}/{t.total_iters} epoch {epoch}/{t.args.epochs} (batch "
+               f"{t.batch_in_epoch}/{t.n_batches}) | {t.lines.rate(t.iteration):.2f} it/s{so_far} | "
+               f"ETA {t.lines.eta(t.iteration, t.total_iters)} (training)")
+
+
+def format_row(row, schedules=()):
+    """A periodic evaluation's log line; the regularisers' statistics where non-zero, the scheduled
+    coefficients (flags) where given."""
     pct = lambda key: f"{100 * row[key]:5.1f}"  # noqa: E731
+    terms = "".join(f" {k} {row[f'train_{k}']:.4g}" for k in methods.stat_keys() if row.get(f"train_{k}"))
     return (f"iter {row['iteration']:6d} epoch {row['epoch']:7.2f} lr {row['lr']:.4f} eps {row['train_eps']:4g} | "
-            f"loss {row['train_loss']:.4f} reg {row['train_reg']:.4f} g_i_s {row['train_gis']:.4f} "
-            f"acc {pct('train_acc')} | test clean {pct('test_clean_acc')} fgsm {pct('test_fgsm_acc')} "
-            f"pgd {pct('test_pgd_acc')} | train pgd {pct('train_pgd_acc')} | cos_x_eta {row['grad_cosine']:.3f} "
-            f"cos_fgsm_pgd {row['cos_fgsm_pgd']:.3f}"
-            + (f" | elle {row['train_elle']:.3g}" if row["train_elle"] else "")
-            + (f" lambda {row['elle_lambda']:.4g}" if "elle_lambda" in row else "")
+            f"loss {row['train_loss']:.4f}{terms} acc {pct('train_acc')} | test clean {pct('test_clean_acc')} fgsm "
+            f"{pct('test_fgsm_acc')} pgd {pct('test_pgd_acc')} | train pgd {pct('train_pgd_acc')} | cos_x_eta "
+            f"{row['grad_cosine']:.3f} cos_fgsm_pgd {row['cos_fgsm_pgd']:.3f}"
+            + "".join(f" | {flag} {row[flag]:.4g}" for flag in schedules)
             + (f" | scale {row['loss_scale']:g}" if "loss_scale" in row else ""))
 
 
-def run_final_eval(trainer, dataset, args, log):
-    """The final evaluation of the last model and, with --eval_early_stopped_model, the kept ones: weights kept at
-    the same iteration are the same weights, evaluated once, their random starts seeded by (seed, iteration)."""
+def log_evaluation(log, row, schedules=()):
+    log.info(format_row(row, schedules))
+    if row["catastrophic_overfitting"]:
+        log.info(f"catastrophic overfitting at iteration {row['iteration']} (epoch {row['epoch']:g}): test "
+                 f"PGD {100 * row['test_pgd_acc']:.1f}%, FGSM {100 * row['test_fgsm_acc']:.1f}%")
+    for line in row["warnings"]:
+        log.warning(f"warning: {line}")
+
+
+def check_replicas(model):
+    """Raise unless every process holds the same weights (what data-parallel training guarantees) and the same
+    buffers (BatchNorm statistics, broadcast from process 0 before it); the number of processes."""
+    sums = [torch.cat([t.detach().double().flatten() for t in ts]).sum().item()
+            for ts in (list(model.parameters()), list(model.buffers()) or [torch.zeros(1)])]
+    everyone = utils.all_gather(sums)
+    if any(s != everyone[0] for s in everyone):
+        raise RuntimeError(f"processes hold different weights or buffers ((parameter, buffer) sums {everyone})")
+    return len(everyone)
+
+
+def run_final_eval(trainer, dataset, seed, n_points, with_kept, log):
+    """The final evaluation of the last model and, with_kept, the kept ones on the first n_points test points:
+    weights kept at the same iteration are the same weights, evaluated once, their random starts seeded by (seed,
+    iteration)."""
     kept = {"last": {"state": cpu_copy(trainer.model), "iteration": trainer.iteration}}
-    if args.eval_early_stopped_model:
-        kept.update(trainer.kept)
+    if with_kept:
+        kept.update(trainer.monitor.kept)
     first_at = {}  # iteration -> the first model kept there
     for name, k in kept.items():
         first_at.setdefault(k["iteration"], name)
     distinct = {name: kept[name]["state"] for name in first_at.values()}
-    seeds = {name: evaluation.final_eval_seed(args.seed, it) for it, name in first_at.items()}
-    idx = process_share(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
-    rows = evaluation.final_eval(trainer.model, distinct, dataset.test_x[idx].to(args.device),
-                                 dataset.test_y[idx].to(args.device), args.eps / 255, args, trainer.restart,
+    seeds = {name: evaluation.final_eval_seed(seed, it) for it, name in first_at.items()}
+    idx = process_share(evaluation.first_points(len(dataset.test_y), n_points))
+    device, p = trainer.data.x.device, trainer.protocol
+    rows = evaluation.final_eval(trainer.model, distinct, dataset.test_x[idx].to(device),
+                                 dataset.test_y[idx].to(device), p, trainer.restart,
                                  watch=lambda batches, n, desc: final_eval_watch(trainer, batches, n, desc),
                                  seeds=seeds)
     trainer.model.load_state_dict(kept["last"]["state"])
@@ -359,9 +363,9 @@ def run_final_eval(trainer, dataset, args, log):
     out = []
     for name, k in kept.items():
         first = first_at[k["iteration"]]
-        protocol = evaluation.pgd_protocol(args.final_attack_iters, args.final_n_restarts,
-                                           args.eps * evaluation.PGD_STEP_FRACTION, by_model[first]["n_points"],
-                                           len(dataset.test_y), seeds[first], args.batch_size_eval)
+        protocol = evaluation.pgd_protocol(p.final_iters, p.final_restarts, p.eps_px * evaluation.PGD_STEP_FRACTION,
+                                           by_model[first]["n_points"], len(dataset.test_y), seeds[first],
+                                           p.batch_size)
         row = {**by_model[first], "model": name, "iteration": k["iteration"], "protocol": protocol}
         same = f" (the same weights as {first}: evaluated once)" if first != name else ""
         log.info(f"final {name:>13} (iter {row['iteration']}): clean {100 * row['clean_acc']:.2f}% "
@@ -374,38 +378,10 @@ def run_final_eval(trainer, dataset, args, log):
 def final_eval_watch(trainer, batches, n_batches, desc):
     """The final evaluation's batches, with progress lines off a terminal and, in one process, a stop between
     batches (the training's checkpoint is complete: a resumed run evaluates again)."""
-    for batch in utils.logged_progress(batches, n_batches, desc, trainer.args.progress_every_s, trainer.log):
+    for batch in utils.logged_progress(batches, n_batches, desc, trainer.lines.every_s, trainer.log):
         if not utils.is_distributed() and trainer.stop.requested():
             raise utils.StopRequested(f"the final evaluation, after {trainer.where()}")
         yield batch
-
-
-def notes(args):
-    """One log line for each behaviour of the original that these flags reproduce although it is a bug."""
-    out = []
-    if args.discrete_eps and not args.fix_vfsat_list and schedules.vfsat_cycle(args.eps) != \
-            schedules.vfsat_cycle(args.eps, ramp_to_eps=True):
-        out.append(f"VFSAT trains with the original's list {schedules.vfsat_cycle(args.eps)} for eps {args.eps:g}, "
-                   "not a ramp to eps (--fix_vfsat_list)")
-    if args.discrete_eps and args.attack_init == "random" and args.attack == "fgsm" and not args.fix_vfsat_start:
-        out.append("VFSAT's random start is drawn in the full eps-ball, as in the original (--fix_vfsat_start)")
-    if args.discrete_eps and args.attack in ("pgd", "pgd_corner"):
-        out.append("--discrete_eps has no effect on PGD training, as in the original")
-    if args.grad_input_sum_coeff and methods.grad_sum_is_constant(args):
-        out.append("GradSum is a detached constant with this attack and start, as in the original: it changes the "
-                   "logged loss only (--fix_gradsum)")
-    if methods.carries_perturbation(args) and args.attack_init == "random":
-        out.append("Free-AT starts from zero whatever --attack_init says, as in the original")
-    if args.minibatch_replay > 1 and not methods.carries_perturbation(args):
-        out.append(f"--minibatch_replay replays each batch {args.minibatch_replay} times with --attack={args.attack}, "
-                   "without carrying a perturbation, as in the original (Free-AT needs --attack=fgsm)")
-    if args.mast and args.attack != "fgsm":
-        out.append(f"--mast has no effect with --attack={args.attack}, as in the original (it is an FGSM step)")
-    if args.model == "cnn" and args.lr_max == config.LR_MAX:
-        out.append(f"--model=cnn with the default --lr_max={config.LR_MAX:g} (the original's, for the ResNets' SGD): "
-                   f"Adam at this rate usually ends as a constant classifier; the original's CNN scripts and "
-                   f"sh/cpu_experiment.sh use --lr_max={config.CNN_LR_MAX:g}")
-    return out
 
 
 def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
@@ -422,12 +398,12 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
         trainer.load_state_dict(checkpoint)
         log.info(f"resumed at {trainer.where()}")
     trainer.write_metrics()  # drops the rows written after the checkpoint (run_locked returns for finished runs)
-    log.info(f"{args.model} on {args.dataset}: {len(trainer.train_y)} training images, {trainer.n_batches} "
+    log.info(f"{args.model} on {args.dataset}: {len(trainer.data.y)} training images, {trainer.n_batches} "
              f"batches/epoch, {trainer.total_iters} iterations, method {config.method_name(args)}, device "
              f"{args.device}" + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
-    for line in notes(args):
+    for line in config.notes(args):
         log.info(f"note: {line}")
-    if args.sync_bn and trainer.net is not None and args.device.type != "cuda":
+    if args.sync_bn and trainer.step.net is not None and args.device.type != "cuda":
         log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
     trainer.segment_start = time.time()
     trainer.lines = utils.ProgressLines(args.progress_every_s, trainer.iteration)  # the pace of this process's steps
@@ -440,13 +416,14 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
             raise utils.StopRequested(trainer.where())
     trainer.train_end = time.time()
     utils.broadcast_buffers(trainer.model)  # the saved model is process 0's: its BatchNorm statistics everywhere
-    n_procs = trainer.check_replicas()
+    n_procs = check_replicas(trainer.model)
     replicas = f"; {n_procs} processes hold identical weights and buffers" if n_procs > 1 else ""
     spent = trainer.elapsed()
     segments = f" over {spent['segments']} processes one after another" if spent["segments"] > 1 else ""
     log.info(f"training done in {spent['train_s']:.1f} s{segments} (periodic evaluations "
              f"{trainer.periodic_eval_s:.1f} s){replicas}")
-    trainer.metrics += run_final_eval(trainer, dataset, args, log)
+    trainer.metrics += run_final_eval(trainer, dataset, args.seed, args.n_final_eval, args.eval_early_stopped_model,
+                                      log)
     trainer.save_checkpoint()
     trainer.write_metrics()
     wall_s = spent["train_s"] + time.time() - trainer.train_end
@@ -466,7 +443,7 @@ def resume_args(parser, argv, args):
         raise UsageError(f"--resume={args.resume!r}: takes no training flags (got --{', --'.join(sorted(extra))}); "
                          "the run's flags are read from its args.json")
     try:
-        resumed = config.load_args(args.resume)
+        resumed = runs.load_args(args.resume)
     except UsageError as err:
         raise UsageError(f"--resume={args.resume!r}: {err}") from None
     for flag in given & config.RESUME_OVERRIDES:
@@ -481,9 +458,9 @@ def existing_run_args(args):
     if not args.run_name or args.resume:
         raise UsageError("--resume_existing: needs --run_name, the run to continue, and no --resume")
     run_dir = os.path.join(args.out_dir, args.run_name)
-    if not os.path.exists(os.path.join(run_dir, config.CHECKPOINT)):
+    if not os.path.exists(os.path.join(run_dir, runs.CHECKPOINT)):
         return args
-    saved = config.load_args(run_dir)
+    saved = runs.load_args(run_dir)
     differ = config.computational_differences(saved, args)
     if differ:
         listed = "; ".join(f"--{k} {v[0]!r} there, {v[1]!r} here" for k, v in sorted(differ.items()))
@@ -507,7 +484,7 @@ def prepare(argv):
         args = resume_args(parser, argv, args)
     checkpoint = None
     if args.resume:
-        checkpoint = config.load_checkpoint(args.resume)
+        checkpoint = runs.load_checkpoint(args.resume)
         n_saved, n_now = len(checkpoint.get("processes", [])), utils.dist_env()[1]
         if n_saved != n_now:
             raise UsageError(f"--resume={args.resume!r}: the run used {n_saved} process(es); resume it with as "
@@ -519,7 +496,7 @@ def prepare(argv):
     if args.cuda_graph and args.device.type != "cuda":
         raise UsageError(f"--cuda_graph: needs a CUDA device, and this run's is {args.device}; drop the flag")
     if args.load_model:
-        config.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
+        runs.load_checkpoint(args.load_model, "--load_model")  # unreadable: refused now, not after the data load
     given, args.data_dir = args.data_dir, os.path.abspath(args.data_dir)  # a resume from elsewhere finds it
     dataset = data.load_data(args.dataset, args.data_dir, download=checkpoint is None)
     n_train = len(dataset.train_y) if args.n_train < 0 else min(args.n_train, len(dataset.train_y))
@@ -528,7 +505,7 @@ def prepare(argv):
                          "lower --batch_size")
     fingerprint = data.fingerprint(dataset)
     if checkpoint is not None:
-        config.check_fingerprint(args.resume, fingerprint, given)
+        runs.check_fingerprint(args.resume, fingerprint, given)
     return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": fingerprint}
 
 
@@ -560,7 +537,7 @@ def shared_run_dir(args):
 
 
 def resume_hint(run_dir):
-    path = os.path.join(run_dir, config.CHECKPOINT)
+    path = os.path.join(run_dir, runs.CHECKPOINT)
     if not os.path.exists(path):
         return "no checkpoint had been written: start the run again"
     return (f"{path} is intact ({os.path.getsize(path) / 2**20:.1f} MiB); continue with: python train.py --resume "
@@ -623,7 +600,7 @@ def train_in(args, dataset, checkpoint, data_info, argv, stop):
         return error[0]
     try:
         if checkpoint is not None:  # as it is under the lock: another writer may have moved it on
-            checkpoint = config.load_checkpoint(os.path.join(run_dir, config.CHECKPOINT))
+            checkpoint = runs.load_checkpoint(os.path.join(run_dir, runs.CHECKPOINT))
         return run_locked(args, dataset, checkpoint, data_info, argv, stop, run_dir)
     finally:
         lock.__exit__()
@@ -631,7 +608,7 @@ def train_in(args, dataset, checkpoint, data_info, argv, stop):
 
 def check_after_lock(args, run_dir, checkpoint):
     """UsageError if another writer made the run's first checkpoint between prepare() and the lock."""
-    if checkpoint is None and args.resume_existing and os.path.exists(os.path.join(run_dir, config.CHECKPOINT)):
+    if checkpoint is None and args.resume_existing and os.path.exists(os.path.join(run_dir, runs.CHECKPOINT)):
         raise UsageError(f"{run_dir} got its first checkpoint while this process started; run the same command "
                          "again to continue it")
 

@@ -60,12 +60,13 @@ echo "+ $PYTHON ${run[*]}" >&2
 # the run trained: its last weights are not its initial ones (skipped fp16 steps would leave every weight as it was)
 import sys
 import torch
-import config
 import data
-args = config.load_args(sys.argv[1])
+import models
+import runs
+args = runs.load_args(sys.argv[1])
 torch.manual_seed(args.seed)  # as train.py draws the initial weights
-initial = config.model_from_args(args, data.load_data(args.dataset, args.data_dir)).state_dict()
-last = torch.load(f"{sys.argv[1]}/{config.CHECKPOINT}", weights_only=True)["model"]
+initial = models.model_from_args(args, data.load_data(args.dataset, args.data_dir)).state_dict()
+last = torch.load(f"{sys.argv[1]}/{runs.CHECKPOINT}", weights_only=True)["model"]
 moved = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, last[k])]
 print(f"weights changed by training: {len(moved)} of {sum(v.is_floating_point() for v in initial.values())} tensors")
 sys.exit(0 if moved else "gpu_check.sh: no weight changed: every optimiser step was skipped")

@@ -13,10 +13,11 @@ from test_eval import EPS, RobustBenchPreActResNet18, interior_images, linear, l
 from test_train import TINY_RUN
 
 import autoattack_eval
-import config
 import data
 import eval as evaluation
 import evaluation as ev
+import models
+import runs
 import train
 
 TEN = data.CIFAR_CLASSES  # the standard version's targeted attacks want 9 other classes; --dataset=cifar10 its names
@@ -169,14 +170,14 @@ def test_weights_in_robustbenchs_layout_give_the_runs_logits_and_numbers(ten_cla
     """The export's layout (tested against RobustBench's PreActResNet in test_eval), wrapped as checkpoints often
     are, loads into the run's model with the same logits, and eval.py gives the run's numbers."""
     run, data_dir = ten_class_run
-    args = config.load_args(run)
-    reference = config.model_from_args(args, ev.data.load_data("cifar10", data_dir)).eval()
+    args = runs.load_args(run)
+    reference = models.model_from_args(args, ev.data.load_data("cifar10", data_dir)).eval()
     reference.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
     exported = evaluation.robustbench_state(reference.state_dict())
     assert any(k.endswith("shortcut.0.weight") for k in exported)
     torch.save({"state_dict": {f"module.{k}": v for k, v in exported.items()}}, tmp_path / "wrapped.pt")
-    model = config.model_from_args(args, ev.data.load_data("cifar10", data_dir)).eval()
-    model.load_state_dict(config.read_state_dict(str(tmp_path / "wrapped.pt"), model, "resnet18"))
+    model = models.model_from_args(args, ev.data.load_data("cifar10", data_dir)).eval()
+    model.load_state_dict(runs.read_state_dict(str(tmp_path / "wrapped.pt"), model, "resnet18"))
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(model(x), reference(x))
     pgd = ["--pgd", "2", "2", "--n_points", "6", "--seed", "5", "--device", "cpu"]
@@ -195,7 +196,7 @@ def test_export_loads_into_robustbenchs_layout_unchanged_and_writes_its_model_in
     state = torch.load(tmp_path / "rb" / "run-last.pt", weights_only=True)
     theirs = RobustBenchPreActResNet18(n_classes=10).eval()
     theirs.load_state_dict(state)  # strict: the same names and shapes, nothing left over
-    ours = config.model_from_args(config.load_args(run), ev.data.load_data("cifar10", data_dir)).eval()
+    ours = models.model_from_args(runs.load_args(run), ev.data.load_data("cifar10", data_dir)).eval()
     ours.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
     x = torch.rand(4, 3, 32, 32)
     assert torch.allclose(ours(x), theirs(x), atol=1e-6)

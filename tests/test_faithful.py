@@ -29,16 +29,21 @@ def batch(trainer):
     return next(trainer.batches(1))
 
 
+def perturb(trainer, x, y, radii):
+    """The run's training perturbation and attack gradient, at loss scale 1."""
+    return methods.perturb(trainer.model, x, y, radii, trainer.settings.attack, trainer.settings.differentiable, 1.0)
+
+
 def test_vfsat_random_start_is_drawn_in_the_full_ball_on_the_grid(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data, "--discrete_eps --attack_init=random")
     x, _ = batch(trainer)
     radii = trainer.radii(epoch=1)  # VFSAT's first value: 2/255
     assert radii.fgsm_eps == pytest.approx(2 / 255) and radii.eps == pytest.approx(8 / 255)
-    start = methods.fgsm_start(x, radii, trainer.args, None)
+    start = methods.fgsm_start(x, radii, trainer.settings.attack, None)
     assert (start.abs().max() * 255).round() == 8  # the full eps-ball, not the epoch's
     assert torch.allclose(start * 255, (start * 255).round(), atol=1e-4)
     fixed = make_trainer(tmp_path, tiny_data, "--discrete_eps --attack_init=random --fix_vfsat_start")
-    assert (methods.fgsm_start(x, fixed.radii(1), fixed.args, None).abs().max() * 255).round() == 2
+    assert (methods.fgsm_start(x, fixed.radii(1), fixed.settings.attack, None).abs().max() * 255).round() == 2
 
 
 @pytest.mark.parametrize("flags, reg_px, pgd_px", [("--discrete_eps", 8, 8), ("--discrete_eps --vfsat_reg_eps", 2, 8),
@@ -63,8 +68,9 @@ def grad_sum_is_trained(tmp_path, tiny_data, flags):
     trainer = make_trainer(tmp_path, tiny_data, f"--grad_input_sum_coeff=1 {flags}")
     x, y = batch(trainer)
     radii = trainer.radii(1)
-    _, grad = methods.perturb(trainer.model, x, y, radii, trainer.args, 1.0)
-    return methods.grad_sum(trainer.model, x, y, radii, trainer.args, grad, 1.0).requires_grad
+    _, grad = perturb(trainer, x, y, radii)
+    grad_sum = next(t for t in trainer.settings.terms if t.row.name == "GradSum")
+    return grad_sum(trainer.model, x, y, radii, grad, 1.0).requires_grad
 
 
 @pytest.mark.parametrize("flags, trained", [
@@ -101,7 +107,7 @@ def test_forward_passes_per_iteration_are_the_originals(flags, n_forwards, tmp_p
     trainer = make_trainer(tmp_path, tiny_data, flags)
     x, y = batch(trainer)
     counter = Counter(trainer.model)
-    methods.losses(counter, x, y, trainer.radii(1), trainer.args, 1.0)
+    methods.losses(counter, x, y, trainer.radii(1), trainer.settings, 1.0)
     assert counter.calls == n_forwards
 
 
@@ -119,14 +125,19 @@ def test_epoch_zero_moves_batchnorm_statistics_but_not_weights(tmp_path, tiny_da
 def test_minibatch_replay_replays_batches_within_an_epoch_of_the_loaders_length(attack, tmp_path, tiny_data,
                                                                                 monkeypatch):
     """The original replays batches for any attack; only FGSM (Free-AT) carries its perturbation on."""
-    seen = []
-    original = methods.train_step
+    seen, updates = [], []
+    original, original_step = methods.losses, methods.TrainingStep.__call__
 
-    def recording(model, opt, scaler, autocast, x, y, radii, args, carried=None, net=None, update=True):
-        stats, delta = original(model, opt, scaler, autocast, x, y, radii, args, carried, net, update)
-        seen.append((x.clone(), None if carried is None else carried.clone(), delta.clone(), update))
-        return stats, delta
-    monkeypatch.setattr(methods, "train_step", recording)
+    def recording(model, x, y, radii, settings, loss_scale, carried=None, *rest):
+        total, stats, delta = original(model, x, y, radii, settings, loss_scale, carried, *rest)
+        seen.append((x.clone(), None if carried is None else carried.clone(), delta.clone(), updates[-1]))
+        return total, stats, delta
+
+    def step(self, x, y, radii, update=True):
+        updates.append(update)
+        return original_step(self, x, y, radii, update)
+    monkeypatch.setattr(methods, "losses", recording)
+    monkeypatch.setattr(methods.TrainingStep, "__call__", step)
     code, run_dir = run_cli(f"--attack={attack} --pgd_train_n_iters=2 --minibatch_replay=2 --epochs=2", tmp_path,
                             tiny_data)
     assert code == 0
@@ -161,8 +172,8 @@ def test_evaluation_runs_only_on_its_period_and_uses_the_first_points(tmp_path, 
     assert [r["iteration"] for r in rows if r["kind"] == "periodic"] == [4]  # not at the last iteration, 6
     trainer = make_trainer(tmp_path, tiny_data, "--n_eval_every_k_iter=20 --batch_size=16")
     ds = data.load_data("cifar10", tiny_data)
-    assert torch.equal(trainer.eval_sets["test"][0], ds.test_x[:20])
-    assert torch.equal(trainer.eval_sets["train"][0], ds.train_x[:16])  # in full training batches
+    assert torch.equal(trainer.data.eval_sets["test"][0], ds.test_x[:20])
+    assert torch.equal(trainer.data.eval_sets["train"][0], ds.train_x[:16])  # in full training batches
 
 
 @pytest.mark.parametrize("flag", ["--attack_iters=0", "--n_restarts=0"])
@@ -188,7 +199,7 @@ def test_pgd_training_without_iterations_trains_at_its_start(tmp_path, tiny_data
 def test_early_stopping_starts_from_the_initial_weights_at_zero(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data)
     initial = train.cpu_copy(trainer.model)
-    for kept in trainer.kept.values():
+    for kept in trainer.monitor.kept.values():
         assert kept["iteration"] == 0 and kept["acc"] == 0.0
         assert all(torch.equal(kept["state"][k], initial[k]) for k in initial)
 
@@ -204,7 +215,7 @@ def test_weight_clip_is_the_originals():
 def test_mast_steps_have_random_grid_magnitudes(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data, "--attack_init=zero --mast --fgsm_alpha=1.0")
     x, y = batch(trainer)
-    delta, _ = methods.perturb(trainer.model, x, y, trainer.radii(1), trainer.args, 1.0)
+    delta, _ = perturb(trainer, x, y, trainer.radii(1))
     inside = (x > 8 / 255) & (x < 1 - 8 / 255)
     magnitudes = (delta[inside].abs() * 255).round().unique()
     assert len(magnitudes) == 9 and magnitudes.max() == 8  # 0, 1, ..., 8: the grid, not only eps
@@ -215,7 +226,7 @@ def test_fgsm_random_start_gradient_feeds_gradalign(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data, "--attack_init=random --grad_align_cos_lambda=1")
     x, y = batch(trainer)
     torch.manual_seed(4)
-    _, grad = methods.perturb(trainer.model, x, y, trainer.radii(1), trainer.args, 1.0)
+    _, grad = perturb(trainer, x, y, trainer.radii(1))
     torch.manual_seed(4)
     start = attacks.uniform_delta(x, 8 / 255)
     expected, _ = attacks.input_grad(trainer.model, x, start, y)

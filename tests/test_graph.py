@@ -7,13 +7,13 @@ gradients and the statistics into the tensors the capture produced. Against it, 
 eager ones exactly. (A real capture draws other random numbers; it runs only on a GPU.)"""
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
 from test_attacks import faint_gradient_model
 
 import attacks
-import config
 import evaluation
 import methods
 import models
@@ -74,9 +74,8 @@ def setup(preset):
     model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(4, 4, 8, 8))
     model.apply(models.init_weights)
     args = method_args(f"--preset={preset}", "--model=resnet18 --eps=8", torch.device("cpu"))
-    config.configure_double_backward(model, args)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return model, methods.build_optimizer(model, args), scaler, methods.autocast_context(args), args
+    models.configure_double_backward(model, args, methods.uses_double_backprop(args))
+    return model, methods.TrainingStep(model, methods.StepSettings.from_flags(args), args.device)
 
 
 @pytest.mark.parametrize("preset", ["fgsm", "gradsum", "gradalign"])
@@ -103,12 +102,11 @@ def compare_with_eager(graphs, preset, schedule):
     """Run the schedule of radii eagerly and through GraphedSteps (same seeds): equal statistics and models."""
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in schedule]
-    eager_model, opt, scaler, autocast, args = setup(preset)
-    graphed_model, *parts = setup(preset)
-    steps = graphs["owner"] = methods.GraphedSteps(graphed_model, *parts)
+    eager_model, eager = setup(preset)
+    graphed_model, graphed = setup(preset)
+    steps = graphs["owner"] = methods.GraphedSteps(graphed)
     torch.manual_seed(2)
-    eager_stats = [methods.train_step(eager_model, opt, scaler, autocast, x, y, r, args)[0]
-                   for (x, y), r in zip(batches, schedule, strict=True)]
+    eager_stats = [eager(x, y, r) for (x, y), r in zip(batches, schedule, strict=True)]
     torch.manual_seed(2)
     graphed_stats = [{k: v.clone() for k, v in steps(x, y, r).items()} for (x, y), r in zip(batches, schedule,
                                                                                               strict=True)]
@@ -137,23 +135,20 @@ def test_real_cuda_graph_trains_as_eager(half, monkeypatch):
         model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(8, 16, 32, 64)).to(device)
         model.apply(models.init_weights)
         args = method_args(f"--preset=fgsm{precision}", "--model=resnet18 --eps=8", device)
-        scaler = torch.amp.GradScaler("cuda", enabled=half)
-        parts = model, methods.build_optimizer(model, args), scaler, methods.autocast_context(args)
-        step = methods.GraphedSteps(*parts, args) if graphed else (
-            lambda x, y, r, parts=parts, args=args: methods.train_step(*parts, x, y, r, args))
+        settings = methods.StepSettings.from_flags(args)
+        step = methods.TrainingStep(model, settings if graphed else dataclasses.replace(settings, cuda_graph=False),
+                                    device)
         for n in (32, 32, 32, 16, 32, 32):  # eager, capture, replay, eager (other shape), replay, replay
             step(x[:n], y[:n], r)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
     model = models.PreActResNet((1, 1, 1, 1), 10, 3, 8, widths=(8, 16, 32, 64)).to(device)
     args = method_args(f"--preset=gradsum{precision}", "--model=resnet18 --eps=8", device)
-    config.configure_double_backward(model, args)
-    scaler = torch.amp.GradScaler("cuda", enabled=half)
-    steps = methods.GraphedSteps(model, methods.build_optimizer(model, args), scaler, methods.autocast_context(args),
-                                 args)
-    terms = [steps(x, y, r)["gis"].item() for _ in range(8)]
-    assert steps.graph is not None and all(0 < t < float("inf") for t in terms)
-    assert not half or scaler.get_scale() >= 2.0 ** 10
+    models.configure_double_backward(model, args, True)
+    step = methods.TrainingStep(model, methods.StepSettings.from_flags(args), device)
+    terms = [step(x, y, r)["gis"].item() for _ in range(8)]
+    assert step.graphed.graph is not None and all(0 < t < float("inf") for t in terms)
+    assert not half or step.scaler.get_scale() >= 2.0 ** 10
 
 
 @pytest.fixture

@@ -33,7 +33,9 @@ def row(**changes):
 
 
 def args(flags=""):
-    return config.build_parser().parse_args(shlex.split(f"--attack_init=zero --fgsm_alpha=1.0 {flags}"))
+    """The StepSettings of FGSM from zero with these flags."""
+    flags = config.build_parser().parse_args(shlex.split(f"--attack_init=zero --fgsm_alpha=1.0 {flags}"))
+    return methods.StepSettings.from_flags(flags)
 
 
 def test_each_warning_names_its_cause():

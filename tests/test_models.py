@@ -232,23 +232,25 @@ def test_fp16_regularised_training_keeps_its_loss_scale_and_term(flags):
                                                         f"--half_prec --lr_max=0.01 {flags}"))
     args.device = torch.device("cpu")
     model = small_resnet()
-    config.configure_double_backward(model, args)
-    opt = methods.build_optimizer(model, args)
+    models.configure_double_backward(model, args, methods.uses_double_backprop(args))
+    settings = methods.StepSettings.from_flags(args)
+    step = methods.TrainingStep(model, settings, args.device)
     scale = 2.0**16
-    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler = step.scaler
+    assert scaler.get_scale() == scale
     radii = methods.StepRadii(*(5 * [8 / 255]))
     torch.manual_seed(2)
     x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
     for _ in range(50):
-        stats, _ = methods.train_step(model, opt, scaler, methods.autocast_context(args), x, y, radii, args)
+        stats = step(x, y, radii)
         assert stats["gis" if args.grad_input_sum_coeff else "reg"].item() > 0
         assert scaler.get_scale() >= scale / 2**4
     grads = []
     for half in (True, False):
         model.zero_grad()
         torch.manual_seed(3)
-        with methods.autocast_context(args) if half else torch.autocast("cpu", enabled=False):
-            total = methods.losses(model, x, y, radii, args, torch.tensor(scale) if half else 1.0)[0]
+        with step.autocast if half else torch.autocast("cpu", enabled=False):
+            total = methods.losses(model, x, y, radii, settings, torch.tensor(scale) if half else 1.0)[0]
         (total * (scale if half else 1.0)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double() / (scale if half else 1.0))
     assert (grads[0] @ grads[1] / (grads[0].norm() * grads[1].norm())).item() >= 0.99

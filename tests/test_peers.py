@@ -164,7 +164,7 @@ def test_gradsum_fd_under_fp16_autocast_with_pytorchs_own_batchnorm_matches_fp32
 def test_gradsum_fd_trains_with_half_prec_and_its_loss_scaler(tmp_path, tiny_data):
     argv = f"{TINY_RUN} --preset=gradsum_fd --half_prec --data_dir={tiny_data} --out_dir={tmp_path} --run_name=r"
     assert train.main(shlex.split(argv)) == 0
-    assert not train.config.uses_double_backprop(train.config.load_args(os.path.join(tmp_path, "r")))
+    assert not train.methods.uses_double_backprop(train.runs.load_args(os.path.join(tmp_path, "r")))
     rows = [r for r in utils.read_jsonl(os.path.join(tmp_path, "r", "metrics.jsonl")) if r["kind"] == "periodic"]
     assert np.isfinite(rows[-1]["train_gis"]) and rows[-1]["train_gis"] > 0
 

@@ -71,7 +71,7 @@ def test_interrupted_run_resumes_to_identical_metrics(where, reference, tmp_path
     run_dir = tmp_path / "interrupted"
     with monkeypatch.context() as m:
         if where == "between_steps":
-            fail_on_call(m, methods, "train_step", 6)  # in epoch 2, after one checkpoint
+            fail_on_call(m, methods.TrainingStep, "__call__", 6)  # in epoch 2, after one checkpoint
         elif where == "during_evaluation":
             fail_on_call(m, evaluation, "periodic_eval", 4)
         else:
@@ -136,7 +136,7 @@ def test_an_fp16_run_saved_before_periodic_eval_fp32_resumes_with_the_fp32_evalu
     default: such a run, resumed, must go on evaluating as it started."""
     run_dir = tmp_path / "old"
     with monkeypatch.context() as m:
-        fail_on_call(m, methods, "train_step", 6)  # in epoch 2, after one checkpoint
+        fail_on_call(m, methods.TrainingStep, "__call__", 6)  # in epoch 2, after one checkpoint
         with pytest.raises(Killed):
             train.main(argv(tmp_path, tiny_data, "old") + ["--half_prec"])
     saved = json.loads((run_dir / "args.json").read_text())
@@ -164,16 +164,16 @@ def test_resume_refuses_training_flags(tmp_path, tiny_data, capsys):
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_keeps_good_state(tmp_path, tiny_data, monkeypatch):
-    original = methods.train_step
+    original = methods.TrainingStep.__call__
     calls = []
 
     def poisoned(*a, **kw):
         calls.append(1)
-        stats, delta = original(*a, **kw)
+        stats = original(*a, **kw)
         if len(calls) == 6:  # the original's step-less epoch 0 is call 1, so this is iteration 5
             stats = {**stats, "loss": stats["loss"] * float("nan")}
-        return stats, delta
-    monkeypatch.setattr(methods, "train_step", poisoned)
+        return stats
+    monkeypatch.setattr(methods.TrainingStep, "__call__", poisoned)
     assert train.main(argv(tmp_path, tiny_data, "nan")) == 1
     log = open(tmp_path / "nan" / "log.txt").read()
     assert "non-finite training loss at iteration 5" in log
@@ -197,9 +197,10 @@ def signal_on_call(monkeypatch, module, name, n, signum=signal.SIGTERM, times=1)
 
 
 STOPS = {  # where the signal comes: (function, its call, the checkpoint's epoch and batch within the next epoch)
-    "mid_epoch": (methods, "train_step", 5, 1, 1),  # call 1 is epoch 0's step-less batch: the first of epoch 2
+    "mid_epoch": (methods.TrainingStep, "__call__", 5, 1, 1),  # call 1 is epoch 0's step-less batch: the first of
+    # epoch 2
     "during_evaluation": (evaluation, "periodic_eval", 2, 1, 1),  # iteration 4: batch 1 of epoch 2
-    "end_of_epoch": (methods, "train_step", 4, 1, 0),  # the last batch of epoch 1: the epoch's own checkpoint
+    "end_of_epoch": (methods.TrainingStep, "__call__", 4, 1, 0),  # the last batch of epoch 1: its own checkpoint
     "during_final_evaluation": (evaluation, "final_stats", 1, 3, 0),
 }
 
@@ -233,7 +234,7 @@ def test_a_second_writer_is_refused_with_one_line_and_a_status_of_its_own(tmp_pa
     """One writer per run folder: while a process holds it (here this test, as a train.py would), --resume and
     --resume_existing are refused with one line naming the holder, exit 75, nothing written."""
     with monkeypatch.context() as m:
-        signal_on_call(m, methods, "train_step", 5)
+        signal_on_call(m, methods.TrainingStep, "__call__", 5)
         assert train.main(argv(tmp_path, tiny_data, "held")) == 128 + signal.SIGTERM
     run_dir = tmp_path / "held"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"}
@@ -252,7 +253,7 @@ def test_free_at_stopped_within_an_epoch_resumes_with_its_replayed_batch_and_per
     flags = ["--minibatch_replay=2", "--attack_init=zero", "--grad_input_sum_coeff=0"]
     assert train.main(argv(tmp_path, tiny_data, "free") + flags) == 0
     with monkeypatch.context() as m:
-        signal_on_call(m, methods, "train_step", 5)  # batch 1 of epoch 2, whose batch 2 replays it
+        signal_on_call(m, methods.TrainingStep, "__call__", 5)  # batch 1 of epoch 2, whose batch 2 replays it
         assert train.main(argv(tmp_path, tiny_data, "stopped") + flags) == 128 + signal.SIGTERM
     assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
     assert metrics_text(tmp_path / "stopped") == metrics_text(tmp_path / "free")
@@ -262,9 +263,10 @@ def test_elle_a_stopped_within_an_epoch_resumes_with_its_lambda_and_error_histor
     flags = ["--preset=elle_a", "--elle_lambda=5"]
     assert train.main(argv(tmp_path, tiny_data, "elle_a") + flags) == 0
     with monkeypatch.context() as m:
-        signal_on_call(m, methods, "train_step", 5)  # stops after iteration 4
+        signal_on_call(m, methods.TrainingStep, "__call__", 5)  # stops after iteration 4
         assert train.main(argv(tmp_path, tiny_data, "stopped") + flags) == 128 + signal.SIGTERM
-    schedule = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["processes"][0]["elle_a"]
+    own = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["processes"][0]
+    schedule = own["schedules"]["elle_lambda"]
     assert schedule["count"] == 4 and schedule["mean"] > 0  # the errors of iterations 1 to 4
     assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
     assert metrics_text(tmp_path / "stopped") == metrics_text(tmp_path / "elle_a")
@@ -272,7 +274,7 @@ def test_elle_a_stopped_within_an_epoch_resumes_with_its_lambda_and_error_histor
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, tiny_data, monkeypatch, capsys):
     with monkeypatch.context() as m:
-        signal_on_call(m, methods, "train_step", 5, signal.SIGINT, times=2)
+        signal_on_call(m, methods.TrainingStep, "__call__", 5, signal.SIGINT, times=2)
         assert train.main(argv(tmp_path, tiny_data, "twice")) == 130
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
@@ -308,7 +310,7 @@ def test_resume_from_another_folder_with_its_data_moved(tmp_path, tiny_data, mon
     monkeypatch.chdir(tmp_path)
     args = argv("runs", os.path.relpath(tiny_data, tmp_path), "moved")
     with monkeypatch.context() as m:
-        signal_on_call(m, methods, "train_step", 5)
+        signal_on_call(m, methods.TrainingStep, "__call__", 5)
         assert train.main(args) == 128 + signal.SIGTERM
     saved = json.loads((tmp_path / "runs" / "moved" / "args.json").read_text())
     assert saved["data_dir"] == str(tiny_data) and saved["_data"]["data_dir_given"] == "data"
@@ -346,7 +348,7 @@ def test_resume_existing_continues_skips_starts_or_refuses(reference, tmp_path, 
     assert train.main(again + ["--lr_max=0.02"]) == 2  # other flags: refused, naming the flag
     assert "--lr_max 0.01 there, 0.02 here" in capsys.readouterr().err
     with monkeypatch.context() as m:
-        signal_on_call(m, methods, "train_step", 5)
+        signal_on_call(m, methods.TrainingStep, "__call__", 5)
         assert train.main(argv(tmp_path, tiny_data, "requeued") + ["--resume_existing"]) == 128 + signal.SIGTERM
     assert train.main(argv(tmp_path, tiny_data, "requeued") + ["--resume_existing", "--device=cpu"]) == 0
     assert metrics_text(tmp_path / "requeued") == reference

@@ -10,6 +10,7 @@ import torch
 
 import config
 import methods
+import runs
 import train
 import utils
 
@@ -96,8 +97,8 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert all(0 <= r[k] <= 1 for r in periodic for k in ("test_clean_acc", "test_pgd_acc", "train_pgd_acc"))
     assert all(r["test_pgd_any_acc"] <= r["test_pgd_acc"] for r in periodic)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in periodic)
-    args = config.load_args(run_dir)
-    for stat in methods.STATS:  # each logged statistic is non-zero exactly where a term of it is computed
+    args = runs.load_args(run_dir)
+    for stat in methods.stat_keys():  # each logged statistic is non-zero exactly where a term of it is computed
         computed = any(r.computed(args) for r in methods.REGULARISERS if r.stat == stat)
         assert all((row[f"train_{stat}"] > 0) == computed for row in periodic)
     final = [r for r in rows if r["kind"] == "final"]
@@ -113,7 +114,7 @@ def test_method_trains_end_to_end(method, tmp_path, tiny_data):
     assert saved["_provenance"]["cpu_threads"] == torch.get_num_threads() == 1  # conftest's
     timing = json.load(open(os.path.join(run_dir, "timing.json")))
     assert 0 <= timing["periodic_eval_s"] <= timing["train_s"] <= timing["wall_s"]  # evaluations inside training
-    assert vars(config.load_args(run_dir)).keys() == vars(config.build_parser().parse_args([])).keys()
+    assert vars(runs.load_args(run_dir)).keys() == vars(config.build_parser().parse_args([])).keys()
 
 
 def test_provenance_records_the_thread_count_that_cpu_results_depend_on():
@@ -151,10 +152,10 @@ def test_vfsat_logs_the_epoch_eps(fix, expected, tmp_path, tiny_data):
 
 def test_a_cnn_at_the_resnets_default_learning_rate_is_noted_at_start():
     parse = lambda line: config.build_parser().parse_args(shlex.split(line))  # noqa: E731
-    (note,) = [n for n in train.notes(parse("--model=cnn")) if "--lr_max" in n]
+    (note,) = [n for n in config.notes(parse("--model=cnn")) if "--lr_max" in n]
     assert "--lr_max=0.2" in note and "--lr_max=0.003" in note and "constant classifier" in note
-    assert not [n for n in train.notes(parse("--model=cnn --lr_max=0.003")) if "--lr_max" in n]
-    assert not [n for n in train.notes(parse("--model=resnet18")) if "--lr_max" in n]
+    assert not [n for n in config.notes(parse("--model=cnn --lr_max=0.003")) if "--lr_max" in n]
+    assert not [n for n in config.notes(parse("--model=resnet18")) if "--lr_max" in n]
     assert "--lr_max=0.003" in open(os.path.join(ROOT, "sh", "cpu_experiment.sh")).read()  # the note's claim
 
 
