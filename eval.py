@@ -46,29 +46,30 @@ def evaluate(model, x_u8, y, eps_px, opts, seed=0, autoattack=None):
     eps = eps_px / 255
     run = lambda stats, keys, desc: evaluation.per_example(  # noqa: E731
         stats, keys, evaluation.batches(x_u8, y, opts.batch_size, desc))
-    masks = {"clean_acc": run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
+    key = evaluation.metric_key
+    masks = {key("clean"): run(evaluation.clean_stats(model), ("clean",), "clean")["clean"]}
     in_ball = []
     if opts.pgd:
         torch.manual_seed(seed)
         iters, restarts = opts.pgd
         pgd = run(evaluation.pgd_stats(model, eps, iters, restarts, opts.pgd_step / 255,
                                        batched=opts.batched_restarts), ("pgd", "pgd_any"), f"PGD-{iters}-{restarts}")
-        masks[f"pgd{iters}_{restarts}_acc"] = pgd["pgd"]  # column_label names its step and points
-        masks[f"pgd{iters}_{restarts}_any_acc"] = pgd["pgd_any"]
+        masks[key("pgd", f"{iters}_{restarts}")] = pgd["pgd"]  # column_label names its step and points
+        masks[key("pgd", f"{iters}_{restarts}", strict=True)] = pgd["pgd_any"]
         in_ball.append(pgd["pgd_any"])
     for step_px in opts.fgsm_sweep or ():
-        key = evaluation.fgsm_step_key(step_px)
-        masks[key] = fgsm_correct(model, x_u8, y, eps, step_px / 255, opts.batch_size, opts.fgsm_sweep_projected)
+        step_key = key("fgsm_step", f"{step_px:g}")
+        masks[step_key] = fgsm_correct(model, x_u8, y, eps, step_px / 255, opts.batch_size, opts.fgsm_sweep_projected)
         if opts.fgsm_sweep_projected or step_px <= eps_px:
-            in_ball.append(masks[key])
+            in_ball.append(masks[step_key])
     if autoattack:
         proto, state_path = autoattack
         x = data.to_unit(x_u8)
-        masks["autoattack_acc"] = autoattack_eval.robust_flags(model, x, y, proto, x.device, state_path,
-                                                               progress_every_s=opts.progress_every_s)
-        in_ball.append(masks["autoattack_acc"])
-    if len(in_ball) > 1:
-        masks["worst_case_acc"] = torch.stack([masks["clean_acc"], *in_ball]).all(0)  # the clean point is in it too
+        masks[key("autoattack")] = autoattack_eval.robust_flags(model, x, y, proto, x.device, state_path,
+                                                                progress_every_s=opts.progress_every_s)
+        in_ball.append(masks[key("autoattack")])
+    if len(in_ball) > 1:  # the clean point is in the ball too
+        masks[key("worst_case")] = torch.stack([masks[key("clean")], *in_ball]).all(0)
     return {key: mask.sum().item() / len(mask) for key, mask in masks.items()}
 
 
@@ -248,12 +249,12 @@ def main(argv=None):
 
 def column_label(key, results):
     """A result key's column label; PGD's and AutoAttack's name their protocol in full, PGD's strict or not."""
-    protocol = results.get("pgd_protocol")
-    if protocol and key.startswith(f"pgd{protocol['iterations']}_{protocol['restarts']}_"):
-        return protocol["label"] + (", strict" if key.endswith("_any_acc") else "")
-    if key == "autoattack_acc" and "autoattack_protocol" in results:
+    _, stem, _, strict = evaluation.parse_metric_key(key)
+    if stem == "pgd" and "pgd_protocol" in results:
+        return results["pgd_protocol"]["label"] + (", strict" if strict else "")
+    if stem == "autoattack" and "autoattack_protocol" in results:
         return results["autoattack_protocol"]["label"]
-    return key.replace("_acc", "")
+    return key.removesuffix("_acc")
 
 
 def new_result_path(run_dir):

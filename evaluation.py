@@ -4,7 +4,9 @@ the training's autocast; points are split over processes and every count is glob
 import contextlib
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -129,17 +131,48 @@ def pgd_stats(model, eps, n_iters, n_restarts, step=None, skip_lost=True, restar
     return stats
 
 
-FGSM_STEP_KEY = ("fgsm_step", "_acc")  # eval.py's result key of an FGSM sweep step: fgsm_step<pixels/255>_acc
+class EvalAttack(NamedTuple):
+    """An evaluation attack: the stem of its metric keys, and its name in tables and plots."""
+    stem: str
+    name: str
 
 
-def fgsm_step_key(step_px):
-    return f"{FGSM_STEP_KEY[0]}{step_px:g}{FGSM_STEP_KEY[1]}"
+EVAL_ATTACKS = {a.stem: a for a in (  # what the periodic, final and eval.py's evaluations choose from
+    EvalAttack("clean", "clean"),
+    EvalAttack("fgsm", "FGSM"),  # one step of eps from zero
+    EvalAttack("pgd", "PGD"),  # tag: eval.py's ITERS_RESTARTS; strict: any iterate (pgd_any_acc)
+    EvalAttack("fgsm_step", "FGSM step"),  # eval.py's sweep; tag: the step, pixels/255
+    EvalAttack("autoattack", "AutoAttack"),
+    EvalAttack("worst_case", "worst case"),  # eval.py: every attack within the ball at once
+)}
+FINAL_ATTACKS = ("clean", "fgsm", "pgd")  # the final evaluation's, PGD under both rules
 
 
-def fgsm_step_of_key(key):
-    """The step (pixels/255) of an FGSM sweep result key, None for any other key."""
-    prefix, suffix = FGSM_STEP_KEY
-    return float(key[len(prefix):-len(suffix)]) if key.startswith(prefix) and key.endswith(suffix) else None
+def metric_key(stem, tag="", strict=False, points=None):
+    """The metrics key of an accuracy, [points_]stem[tag][_any]_acc: test_pgd_acc, pgd_any_acc (a final row's),
+    pgd50_10_acc (eval.py's), fgsm_step4_acc."""
+    if stem not in EVAL_ATTACKS:
+        raise KeyError(f"{stem!r} is not in evaluation.EVAL_ATTACKS")
+    return f"{points + '_' if points else ''}{stem}{tag}{'_any' if strict else ''}_acc"
+
+
+KEY_PATTERN = re.compile(r"^(?:(test|train)_)?(" + "|".join(sorted(EVAL_ATTACKS, key=len, reverse=True))
+                         + r")(.*?)(_any)?_acc$")
+
+
+def parse_metric_key(key):
+    """(points, stem, tag, strict) of a metric key (metric_key's arguments), None for any other key."""
+    match = KEY_PATTERN.match(key)
+    if not match:
+        return None
+    points, stem, tag, strict = match.groups()
+    return points, stem, tag, bool(strict)
+
+
+def fgsm_sweep_step(key):
+    """The step (pixels/255) of an FGSM sweep's metric key, None for any other key."""
+    parsed = parse_metric_key(key)
+    return float(parsed[2]) if parsed and parsed[1] == "fgsm_step" else None
 
 
 def clean_stats(model):
@@ -161,13 +194,14 @@ def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pg
                                                               attack_iters, n_restarts, True, restart, scale,
                                                               batched)
         cosines = attacks.grad_cosines(model, x, y, eps, loss_scale or 1.0)  # a batch-mean loss, as the original's
-        return {"clean_acc": utils.clean_correct(model, x, y), "fgsm_acc": fgsm_correct, "pgd_acc": pgd_correct,
-                "pgd_any_acc": pgd_robust, "cos_fgsm_pgd": attacks.cosines_or_one(fgsm_delta, pgd_delta),
-                "grad_cosine": cosines.detach()}
+        return {metric_key("clean"): utils.clean_correct(model, x, y), metric_key("fgsm"): fgsm_correct,
+                metric_key("pgd"): pgd_correct, metric_key("pgd", strict=True): pgd_robust,
+                "cos_fgsm_pgd": attacks.cosines_or_one(fgsm_delta, pgd_delta), "grad_cosine": cosines.detach()}
     return stats
 
 
-PERIODIC_TEST_KEYS = ("clean_acc", "fgsm_acc", "pgd_acc", "pgd_any_acc", "cos_fgsm_pgd", "grad_cosine")
+PERIODIC_TEST_KEYS = (*(metric_key(a) for a in ("clean", "fgsm", "pgd")), metric_key("pgd", strict=True),
+                      "cos_fgsm_pgd", "grad_cosine")
 
 
 def periodic_eval(model, eval_sets, protocol, restart=attacks.pgd_restart, autocast=None, loss_scale=None):
@@ -185,8 +219,8 @@ def periodic_eval(model, eval_sets, protocol, restart=attacks.pgd_restart, autoc
         train, _ = fractions(pgd_stats(model, p.eps, p.attack_iters, p.n_restarts, restart=restart,
                                        loss_scale=loss_scale, batched=p.batched),
                              ("pgd",), batches(train_x, train_y, p.batch_size, "training points"))
-    row = {("test_" + k if k.endswith("_acc") else k): v for k, v in test.items()}
-    row["train_pgd_acc"] = train["pgd"]
+    row = {("test_" + k if parse_metric_key(k) else k): v for k, v in test.items()}
+    row[metric_key("pgd", points="train")] = train["pgd"]
     row["n_eval_points"] = n_points
     model.train(was_training)
     return row
@@ -215,7 +249,7 @@ def final_eval(model, states, x_u8, y, protocol, restart=attacks.pgd_restart, wa
     starts (each process's own stream: seed + rank)."""
     rows = []
     model.eval()
-    keys = ("clean", "fgsm", "pgd", "pgd_any")
+    keys = (*FINAL_ATTACKS, "pgd_any")  # final_stats' per-example keys
     n_batches = -(-len(y) // protocol.batch_size)
     for name, state in states.items():
         model.load_state_dict(state)
@@ -225,7 +259,8 @@ def final_eval(model, states, x_u8, y, protocol, restart=attacks.pgd_restart, wa
         model_batches = batches(x_u8, y, protocol.batch_size, desc)
         accs, n = fractions(final_stats(model, protocol, restart), keys,
                             watch(model_batches, n_batches, desc) if watch else model_batches)
-        rows.append({"kind": "final", "model": name, **{f"{k}_acc": v for k, v in accs.items()}, "n_points": n})
+        accs = {metric_key(k.removesuffix("_any"), strict=k.endswith("_any")): v for k, v in accs.items()}
+        rows.append({"kind": "final", "model": name, **accs, "n_points": n})
     model.train()
     return rows
 

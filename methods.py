@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+import schedules
 import utils
 
 GRAD_CLIP_NORM = 20.0  # max L2 norm of the parameter gradient
@@ -34,6 +35,37 @@ class StepRadii:
     fgsm_alpha: float
     reg_eps: float
     warmup: float = 1.0
+
+
+SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
+
+
+@dataclass(frozen=True)
+class RadiiSchedule:
+    """The radii of every iteration, read from the flags once: VFSAT's eps of the epoch, SVHN's warm-up."""
+    eps_px: float
+    fgsm_alpha: float
+    discrete_eps: bool
+    fix_vfsat_list: bool
+    vfsat_reg_eps: bool
+    warmup_iters: int | None  # SVHN's warm-up (the original's count: epochs of the full training set), else None
+
+    @classmethod
+    def from_flags(cls, args, n_train_full):
+        warmup = SVHN_WARMUP_EPOCHS * n_train_full // args.batch_size if args.dataset == "svhn" else None
+        return cls(args.eps, args.fgsm_alpha, args.discrete_eps, args.fix_vfsat_list, args.vfsat_reg_eps, warmup)
+
+    def training_eps_px(self, epoch):
+        return schedules.training_eps(self.eps_px, epoch, self.discrete_eps, self.fix_vfsat_list)
+
+    def __call__(self, epoch, iteration):
+        """The StepRadii of this iteration (optimiser steps so far, this one included) in this epoch."""
+        warmup = 1.0 if self.warmup_iters is None else min(iteration / self.warmup_iters, 1.0)
+        vfsat_eps = self.training_eps_px(epoch) / 255
+        eps = self.eps_px / 255
+        return StepRadii(eps=eps, fgsm_eps=vfsat_eps, pgd_eps=warmup * self.eps_px / 255,
+                         fgsm_alpha=warmup * self.fgsm_alpha, warmup=warmup,
+                         reg_eps=vfsat_eps if self.vfsat_reg_eps else eps)
 
 
 @dataclass(frozen=True)
@@ -224,6 +256,23 @@ class Regulariser:
         return self.weight(args) > 0 or bool(self.logged_by and getattr(args, self.logged_by))
 
 
+def refuse_grad_sum_fd(args):
+    if args.grad_input_sum_fd_step <= 0:
+        yield "grad_input_sum_fd_step", "must be positive"
+    if args.grad_input_sum_coeff and args.grad_input_sum_fd_coeff:
+        yield "grad_input_sum_fd_coeff", ("GradSum-FD estimates the GradSum term: use it or --grad_input_sum_coeff, "
+                                          "not both")
+
+
+def refuse_elle(args):
+    if args.elle_decay <= 0:
+        yield "elle_decay", "must be positive"
+    if args.elle_sensitivity < 0:
+        yield "elle_sensitivity", "must be zero or positive"
+    if args.elle_adaptive and args.elle_lambda <= 0:
+        yield "elle_adaptive", "needs --elle_lambda, its maximum lambda"
+
+
 def adaptive_lambda(term, device):
     o = term.options
     return AdaptiveLambda(term.coefficient, o.decay, o.sensitivity, device) if o.adaptive else None
@@ -241,9 +290,7 @@ REGULARISERS = (
                                                        "is 0")),)),
     Regulariser("GradSum-FD", "grad_input_sum_fd_coeff", "gradsumfd", grad_sum_fd, "gis", double_backprop=False,
                 options=lambda a: a.grad_input_sum_fd_step / 255,
-                refuse=lambda a: [("grad_input_sum_fd_step", "must be positive")] * (a.grad_input_sum_fd_step <= 0)
-                + [("grad_input_sum_fd_coeff", "GradSum-FD estimates the GradSum term: use it or "
-                    "--grad_input_sum_coeff, not both")] * bool(a.grad_input_sum_coeff and a.grad_input_sum_fd_coeff),
+                refuse=refuse_grad_sum_fd,
                 flags=(("grad_input_sum_fd_step", flag(default=0.5, help="GradSum-FD: the finite difference's move, "
                         "pixels/255 per pixel in RMS (its error against GradSum: docs/peers.md)")),)),
     Regulariser("ELLE", "elle_lambda", "elle", elle, "elle", double_backprop=False,
@@ -255,11 +302,7 @@ REGULARISERS = (
                                                               "jump")),
                        ("elle_sensitivity", flag(default=2.0, help="ELLE-A: standard deviations above the mean "
                                                                    "that make lambda jump"))),
-                tags=(("elle_adaptive", "adaptive"),),
-                refuse=lambda a: [("elle_decay", "must be positive")] * (a.elle_decay <= 0)
-                + [("elle_sensitivity", "must be zero or positive")] * (a.elle_sensitivity < 0)
-                + [("elle_adaptive", "needs --elle_lambda, its maximum lambda")] * (a.elle_adaptive
-                                                                                     and a.elle_lambda <= 0)),
+                tags=(("elle_adaptive", "adaptive"),), refuse=refuse_elle),
 )
 
 

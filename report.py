@@ -29,8 +29,10 @@ import methods
 import runs as saved_runs  # 'runs' names run directories here
 import utils
 
-COLUMNS = (("last", "clean_acc", "clean"), ("last", "fgsm_acc", "FGSM"), ("last", "pgd_acc", "{pgd}"),
-           ("early_stopped", "clean_acc", "ES clean"), ("early_stopped", "pgd_acc", "ES {pgd}"))
+KEY = {stem: evaluation.metric_key(stem) for stem in evaluation.FINAL_ATTACKS}  # a final row's keys
+HEADING = {stem: "{pgd}" if stem == "pgd" else evaluation.EVAL_ATTACKS[stem].name for stem in KEY}  # {pgd}: protocol
+COLUMNS = (*(("last", KEY[stem], HEADING[stem]) for stem in KEY),
+           *(("early_stopped", KEY[stem], f"ES {HEADING[stem]}") for stem in ("clean", "pgd")))
 # flags that the method column names already; the flags cell lists the other ones that tell groups apart
 METHOD_FLAGS = frozenset({"attack", "attack_init", "minibatch_replay", "mast", "discrete_eps", "pgd_train_n_iters",
                           "pgd_alpha_train", *(r.flag for r in methods.REGULARISERS)})
@@ -63,7 +65,7 @@ def load_run(run_dir):
     finals = [r for r in utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "final"]
     if not finals:
         return None
-    values = {(r["model"], k): r[k] for r in finals for k in ("clean_acc", "fgsm_acc", "pgd_acc") if k in r}
+    values = {(r["model"], k): r[k] for r in finals for k in KEY.values() if k in r}
     onset = health.co_onset(periodic_rows(run_dir))
     values[("co", "epoch")] = None if onset is None else onset["epoch"]
     timing_path = os.path.join(run_dir, "timing.json")
@@ -122,8 +124,8 @@ def fgsm_sweep(run_dir):
     for path in sorted(glob.glob(os.path.join(run_dir, "eval-*.json")), key=os.path.getmtime, reverse=True):
         with open(path) as f:
             result = json.load(f)
-        sweeps = {model: sorted((evaluation.fgsm_step_of_key(k), v) for k, v in accs.items()
-                                if evaluation.fgsm_step_of_key(k) is not None)
+        sweeps = {model: sorted((evaluation.fgsm_sweep_step(k), v) for k, v in accs.items()
+                                if evaluation.fgsm_sweep_step(k) is not None)
                   for model, accs in result["models"].items()}
         if any(sweeps.values()):
             return {m: s for m, s in sweeps.items() if s}, result["eps"]
@@ -360,8 +362,8 @@ def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
                     f"{statistics.mean(walls):.0f}" if walls else "-"]
             if compare_paper:
                 mean = lambda v: 100 * statistics.mean(v) if v else None  # noqa: E731
-                row += paper_cells(runs[0], commands, paper, mean(values[("last", "clean_acc")]),
-                                   mean(values[("last", "pgd_acc")]))
+                row += paper_cells(runs[0], commands, paper, mean(values[("last", KEY["clean"])]),
+                                   mean(values[("last", KEY["pgd"])]))
             lines.append("| " + " | ".join(row) + " |")
         out.append("\n".join(lines))
     note = ("Accuracies in % on the final test points, mean ± std over seeds; each table is one final PGD protocol "

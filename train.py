@@ -28,9 +28,6 @@ import schedules
 import utils
 from config import UsageError
 
-SVHN_WARMUP_EPOCHS = 5  # SVHN: eps (PGD) and fgsm_alpha ramp from 0 over this many epochs of iterations
-STOP_SYNC_ITERS = 5  # under torchrun, processes agree on a stop signal every this many iterations (well inside
-# Slurm's KillWait of 30 s between its SIGTERM and SIGKILL)
 RUN_LOCKED_EXIT = 75  # EX_TEMPFAIL: another process holds the run directory; the scripts report "running elsewhere"
 
 
@@ -47,6 +44,7 @@ class Trainer:
         self.model, fast, net = build_networks(args, dataset)
         self.settings = methods.StepSettings.from_flags(args)
         self.step = methods.TrainingStep(self.model, self.settings, args.device, fast, net)
+        self.radii_schedule = methods.RadiiSchedule.from_flags(args, self.data.n_full)
         self.protocol = evaluation.Protocol.from_flags(args)
         self.restart = evaluation.GraphedRestarts(self.model) if args.cuda_graph else attacks.pgd_restart  # eval PGD
         # the training's precision, which the original's apex O1 leaves on for its periodic evaluations
@@ -66,13 +64,7 @@ class Trainer:
 
     def radii(self, epoch):
         """This iteration's StepRadii (self.iteration counts the optimiser steps so far, this one included)."""
-        a = self.args
-        warmup = (min(self.iteration / (SVHN_WARMUP_EPOCHS * self.data.n_full // a.batch_size), 1.0)
-                  if a.dataset == "svhn" else 1.0)
-        vfsat_eps = schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list) / 255
-        return methods.StepRadii(eps=a.eps / 255, fgsm_eps=vfsat_eps, pgd_eps=warmup * a.eps / 255,
-                                 fgsm_alpha=warmup * a.fgsm_alpha, warmup=warmup,
-                                 reg_eps=vfsat_eps if a.vfsat_reg_eps else a.eps / 255)
+        return self.radii_schedule(epoch, self.iteration)
 
     def batches(self, epoch, skip=0):
         a, d = self.args, self.data
@@ -107,21 +99,14 @@ class Trainer:
                 group["lr"] = lr
             self.meters.add(self.step(x, y, self.radii(epoch)), len(y), self.iteration)
             if self.iteration % a.eval_iter_freq == 0 and epoch > a.start_eval_epoch:
-                self.evaluate(lr, schedules.training_eps(a.eps, epoch, a.discrete_eps, a.fix_vfsat_list))
+                self.evaluate(lr, self.radii_schedule.training_eps_px(epoch))
             self.batch_in_epoch = i + 1
             log_progress(self, epoch)
-            if self.batch_in_epoch < self.n_batches and self.stop_asked():
+            if self.batch_in_epoch < self.n_batches and self.stop.requested_at(self.iteration):
                 self.save_checkpoint()
                 raise utils.StopRequested(self.where())
         self.check_finite()
         self.epoch, self.batch_in_epoch = epoch, 0
-
-    def stop_asked(self):
-        """Whether a stop signal came (all processes agree, at every STOP_SYNC_ITERS-th iteration under torchrun:
-        a collective per iteration would stall the GPUs' queue)."""
-        if utils.is_distributed():
-            return self.iteration % STOP_SYNC_ITERS == 0 and self.stop.requested(collective=True)
-        return self.stop.requested()
 
     def elapsed(self):
         """Seconds of training over every process that trained this run (a resumed run adds the earlier ones),
@@ -135,14 +120,7 @@ class Trainer:
         return f"iteration {self.iteration}/{self.total_iters}{within}"
 
     def check_finite(self):
-        bad = int(max(utils.all_gather(int(self.meters.first_nonfinite))))  # every process stops together
-        if bad >= 0:
-            kept = (f"{self.run_dir}/{runs.CHECKPOINT} holds the state at the end of epoch {self.epoch}" if self.epoch
-                    else "no epoch had finished, so there is no checkpoint")
-            hint = (" (GradAlign with no example of two non-zero gradients is NaN in the original: "
-                    "--fix_gradalign_empty makes it 0)" if self.args.grad_align_cos_lambda else "")
-            raise FloatingPointError(f"non-finite training loss at iteration {bad}{hint}; stopped: {kept}, and "
-                                     "metrics.jsonl the evaluations before it")
+        check_finite(self.meters.first_nonfinite, self.epoch, self.run_dir, self.args.grad_align_cos_lambda > 0)
 
     def evaluate(self, lr, train_eps_px):
         self.check_finite()
@@ -292,6 +270,18 @@ class Meters:
     def load_state_dict(self, own):
         self.sums.update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in own["meters"].items()})
         self.first_nonfinite = own["first_nonfinite"].to(self.device)
+
+
+def check_finite(first_nonfinite, epoch, run_dir, gradalign):
+    """FloatingPointError if a process saw a non-finite training loss (every process stops together)."""
+    bad = int(max(utils.all_gather(int(first_nonfinite))))
+    if bad >= 0:
+        kept = (f"{run_dir}/{runs.CHECKPOINT} holds the state at the end of epoch {epoch}" if epoch
+                else "no epoch had finished, so there is no checkpoint")
+        hint = (" (GradAlign with no example of two non-zero gradients is NaN in the original: "
+                "--fix_gradalign_empty makes it 0)" if gradalign else "")
+        raise FloatingPointError(f"non-finite training loss at iteration {bad}{hint}; stopped: {kept}, and "
+                                 "metrics.jsonl the evaluations before it")
 
 
 def log_progress(trainer, epoch):

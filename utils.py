@@ -167,12 +167,21 @@ class StopSignals:
             return any(all_gather(self.signum is not None))
         return self.signum is not None
 
+    def requested_at(self, iteration):
+        """Within an epoch, after this iteration: whether a stop was asked (under torchrun all processes agree, at
+        every STOP_SYNC_ITERS-th iteration: a collective per iteration would stall the GPUs' queue)."""
+        if is_distributed():
+            return iteration % STOP_SYNC_ITERS == 0 and self.requested(collective=True)
+        return self.requested()
+
     @property
     def name(self):
         return signal.Signals(self.signum).name if self.signum else None
 
 
 LOGGER = "fast-at"  # the run log's logging name
+STOP_SYNC_ITERS = 5  # under torchrun, processes agree on a stop signal every this many iterations (well inside
+# Slurm's KillWait of 30 s between its SIGTERM and SIGKILL)
 
 
 def get_logger(log_path=None, quiet=False):

@@ -56,6 +56,7 @@ def test_regularisers_and_pgd_use_the_full_eps_under_vfsat(flags, reg_px, pgd_px
 def test_svhn_ramps_eps_and_fgsm_alpha_over_five_epochs_of_iterations(tmp_path, tiny_data):
     trainer = make_trainer(tmp_path, tiny_data, "--fgsm_alpha=1.25")
     trainer.args.dataset = "svhn"  # the warm-up keys on the dataset name; the data can stay tiny
+    trainer.radii_schedule = methods.RadiiSchedule.from_flags(trainer.args, trainer.data.n_full)
     n_max = 5 * 48 // 16  # 5 epochs of the full training set, in batches (the original's formula)
     for iteration, fraction in ((0, 0.0), (3, 0.2), (15, 1.0), (40, 1.0)):
         trainer.iteration = iteration
