@@ -58,9 +58,7 @@ class Trainer:
         self.lines = utils.ProgressLines(args.progress_every_s)  # made again where a resumed run starts
         self.monitor = health.Monitor(self.settings, cpu_copy(self.model))  # kept models start from the initial ones
         self.meters = Meters(args.device, watch_ce=self.step.scaler.is_enabled())
-        self.periodic_eval_s = 0.0  # wall time of this process's periodic evaluations (timing.json)
-        self.time_before = {"train_s": 0.0, "segments": 0}  # training time of a resumed run's earlier processes
-        self.segment_start, self.train_end = time.time(), None
+        self.clock = RunClock()
 
     def radii(self, epoch):
         """This iteration's StepRadii (self.iteration counts the optimiser steps so far, this one included)."""
@@ -108,12 +106,6 @@ class Trainer:
         self.check_finite()
         self.epoch, self.batch_in_epoch = epoch, 0
 
-    def elapsed(self):
-        """Seconds of training over every process that trained this run (a resumed run adds the earlier ones),
-        and how many there were."""
-        seconds = (self.train_end or time.time()) - self.segment_start
-        return {"train_s": self.time_before["train_s"] + seconds, "segments": self.time_before["segments"] + 1}
-
     def where(self):
         within = f", batch {self.batch_in_epoch}/{self.n_batches} of epoch {self.epoch + 1}" if self.batch_in_epoch \
             else f", the end of epoch {self.epoch}"
@@ -132,7 +124,7 @@ class Trainer:
         start = time.time()
         row.update(evaluation.periodic_eval(self.model, self.data.eval_sets, self.protocol, self.restart,
                                             self.eval_autocast, loss_scale if self.eval_autocast else None))
-        self.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
+        self.clock.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
         if loss_scale is not None:
             row["loss_scale"] = loss_scale
         self.meters.reset()
@@ -156,7 +148,7 @@ class Trainer:
                "previous": tuple(t.detach().cpu() for t in self.previous) if replayed else None}
         return {"model": self.model.state_dict(), **self.step.state_dict(), "epoch": self.epoch,
                 "iteration": self.iteration, "batch_in_epoch": self.batch_in_epoch,
-                "periodic_eval_s": self.periodic_eval_s, "time": self.elapsed(), "kept": self.monitor.kept,
+                "periodic_eval_s": self.clock.periodic_eval_s, "time": self.clock.elapsed(), "kept": self.monitor.kept,
                 "metrics": self.metrics, "processes": utils.all_gather(own), "args": config.args_to_dict(self.args)}
 
     def load_state_dict(self, state):
@@ -165,8 +157,8 @@ class Trainer:
         self.step.load_state_dict(state, own, dev)
         self.epoch, self.iteration, self.metrics = state["epoch"], state["iteration"], state["metrics"]
         self.monitor.kept = state["kept"]
-        self.batch_in_epoch, self.periodic_eval_s = state.get("batch_in_epoch", 0), state.get("periodic_eval_s", 0.0)
-        self.time_before = state.get("time", self.time_before)  # checkpoints before it counted one segment
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)
+        self.clock.load_state_dict(state)
         if "meters" in own:  # checkpoints written within an epoch; older ones were all written at its end
             self.meters.load_state_dict(own)
             self.previous = None if own["previous"] is None else tuple(t.to(dev) for t in own["previous"])
@@ -270,6 +262,23 @@ class Meters:
     def load_state_dict(self, own):
         self.sums.update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in own["meters"].items()})
         self.first_nonfinite = own["first_nonfinite"].to(self.device)
+
+
+class RunClock:
+    """Seconds of training over every process that trained the run (a resumed run adds the earlier ones), how many
+    there were, and the wall time of this process's periodic evaluations (timing.json)."""
+
+    def __init__(self):
+        self.before = {"train_s": 0.0, "segments": 0}  # a resumed run's earlier processes
+        self.start, self.end, self.periodic_eval_s = time.time(), None, 0.0
+
+    def elapsed(self):
+        seconds = (self.end or time.time()) - self.start
+        return {"train_s": self.before["train_s"] + seconds, "segments": self.before["segments"] + 1}
+
+    def load_state_dict(self, state):
+        self.periodic_eval_s = state.get("periodic_eval_s", 0.0)
+        self.before = state.get("time", self.before)  # checkpoints before it counted one segment
 
 
 def check_finite(first_nonfinite, epoch, run_dir, gradalign):
@@ -395,7 +404,7 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
         log.info(f"note: {line}")
     if args.sync_bn and trainer.step.net is not None and args.device.type != "cuda":
         log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
-    trainer.segment_start = time.time()
+    trainer.clock.start = time.time()
     trainer.lines = utils.ProgressLines(args.progress_every_s, trainer.iteration)  # the pace of this process's steps
     if trainer.iteration == 0:
         trainer.epoch_zero()
@@ -404,22 +413,22 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
         trainer.save_checkpoint()
         if trainer.stop.requested(collective=True):  # once an epoch: the processes agree on it
             raise utils.StopRequested(trainer.where())
-    trainer.train_end = time.time()
+    trainer.clock.end = time.time()
     utils.broadcast_buffers(trainer.model)  # the saved model is process 0's: its BatchNorm statistics everywhere
     n_procs = check_replicas(trainer.model)
     replicas = f"; {n_procs} processes hold identical weights and buffers" if n_procs > 1 else ""
-    spent = trainer.elapsed()
+    spent, periodic_eval_s = trainer.clock.elapsed(), trainer.clock.periodic_eval_s
     segments = f" over {spent['segments']} processes one after another" if spent["segments"] > 1 else ""
     log.info(f"training done in {spent['train_s']:.1f} s{segments} (periodic evaluations "
-             f"{trainer.periodic_eval_s:.1f} s){replicas}")
+             f"{periodic_eval_s:.1f} s){replicas}")
     trainer.metrics += run_final_eval(trainer, dataset, args.seed, args.n_final_eval, args.eval_early_stopped_model,
                                       log)
     trainer.save_checkpoint()
     trainer.write_metrics()
-    wall_s = spent["train_s"] + time.time() - trainer.train_end
+    wall_s = spent["train_s"] + time.time() - trainer.clock.end
     if utils.rank() == 0:
         utils.atomic_write_text(json.dumps({"wall_s": round(wall_s, 1), "train_s": round(spent["train_s"], 1),
-                                            "periodic_eval_s": round(trainer.periodic_eval_s, 1),
+                                            "periodic_eval_s": round(periodic_eval_s, 1),
                                             "segments": spent["segments"]}) + "\n",
                                 os.path.join(run_dir, "timing.json"))
     log.info(f"done in {wall_s:.1f} s")
