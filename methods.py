@@ -424,17 +424,17 @@ class TrainingStep:
     def __call__(self, x, y, radii, update=True):
         """One iteration: the losses, then (if update) one optimiser step and the schedules' update; without
         update (the original's epoch 0) only the forward passes, which move BatchNorm statistics."""
-        if self.graphed and update:
+        if self.graphed and update:  # no Free-AT under graphs: nothing is carried
             stats = self.graphed(x, y, radii)
-        elif update:
-            stats, delta = self.update(x, y, radii, self.carried, self.net)
         else:
-            _, stats, delta = self.scaled_losses(x, y, radii, self.carried)
-        if not (self.graphed and update) and self.settings.attack.carries:
-            self.carried = delta
-        for flag, schedule in self.schedules.items():
-            if update:  # the global batch's value: every process keeps the same coefficient
-                schedule.update(utils.global_mean(stats[self.stat_of[flag]]))
+            if update:
+                stats, delta = self.update(x, y, radii, self.carried, self.net)
+            else:
+                _, stats, delta = self.scaled_losses(x, y, radii, self.carried)
+            if self.settings.attack.carries:
+                self.carried = delta
+        for flag, schedule in self.schedules.items() if update else ():
+            schedule.update(utils.global_mean(stats[self.stat_of[flag]]))  # every process keeps the same value
         return stats
 
     def update(self, x, y, radii, carried=None, net=None):

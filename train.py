@@ -123,7 +123,7 @@ class Trainer:
         loss_scale = self.step.loss_scale()  # one host read: the evaluation changes no scale
         start = time.time()
         row.update(evaluation.periodic_eval(self.model, self.data.eval_sets, self.protocol, self.restart,
-                                            self.eval_autocast, loss_scale if self.eval_autocast else None))
+                                            self.eval_autocast, None if self.eval_autocast is None else loss_scale))
         self.clock.periodic_eval_s += time.time() - start  # its results are host floats: the GPU has finished
         if loss_scale is not None:
             row["loss_scale"] = loss_scale
