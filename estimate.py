@@ -41,10 +41,10 @@ def timed(device, fn, *a, **kw):
     return time.perf_counter() - start, out
 
 
-def measure(trainer, args, dataset, n_iters=TIMED_ITERS):
+def measure(trainer, dataset, n_final_eval, n_iters=TIMED_ITERS):
     """{piece: seconds of one} measured on this machine with this run's train.Trainer (fresh: its initial
-    weights), data and flags."""
-    device, out = args.device, {}
+    weights) and data, the final evaluation on the first n_final_eval test points."""
+    device, batch_size_eval, out = trainer.data.x.device, trainer.protocol.batch_size, {}
     trainer.model.train()
     batches, times = itertools.chain.from_iterable(trainer.batches(1) for _ in itertools.count()), []
 
@@ -58,26 +58,26 @@ def measure(trainer, args, dataset, n_iters=TIMED_ITERS):
     periodic = [timed(device, evaluation.periodic_eval, trainer.model, trainer.data.eval_sets, trainer.protocol,
                       trainer.restart, trainer.eval_autocast, loss_scale)[0] for _ in range(2)]
     out["periodic evaluation"] = periodic[1]  # the first tunes cuDNN's algorithms for new shapes
-    n_points = len(evaluation.first_points(len(dataset.test_y), args.n_final_eval))
-    idx = evaluation.first_points(len(dataset.test_y), min(n_points, args.batch_size_eval))
+    n_points = len(evaluation.first_points(len(dataset.test_y), n_final_eval))
+    idx = evaluation.first_points(len(dataset.test_y), min(n_points, batch_size_eval))
     x_u8, y = dataset.test_x[idx].to(device), dataset.test_y[idx].to(device)
-    bounds = [timed(device, final_eval_points, trainer, args, x_u8, y, skip)[0] / len(idx) for skip in (True, False)]
+    bounds = [timed(device, final_eval_points, trainer, x_u8, y, skip)[0] / len(idx) for skip in (True, False)]
     out["final evaluation point"], out["final bounds"] = sum(bounds) / 2, bounds
     out["checkpoint"] = timed(device, lambda: torch.save(trainer.state_dict(), io.BytesIO()))[0]
     return out, trainer.n_batches, n_points
 
 
-def final_eval_points(trainer, args, x_u8, y, skip_lost):
+def final_eval_points(trainer, x_u8, y, skip_lost):
     """The final evaluation's attacks (clean, FGSM, PGD) on these points, with or without the ln K skip."""
     trainer.model.eval()
     evaluation.per_example(evaluation.final_stats(trainer.model, trainer.protocol, trainer.restart, skip_lost),
-                           ("clean",), evaluation.batches(x_u8, y, args.batch_size_eval))
+                           ("clean",), evaluation.batches(x_u8, y, trainer.protocol.batch_size))
     trainer.model.train()
 
 
 def project(trainer, args, dataset, startup_s):
     """The projection's lines: 'projected wall time: N s', then each piece's count, seconds and share."""
-    each, n_batches, n_points = measure(trainer, args, dataset)
+    each, n_batches, n_points = measure(trainer, dataset, args.n_final_eval)
     n_models = 3 if args.eval_early_stopped_model else 1
     counts = {"training iteration": args.epochs * n_batches + 1,  # the original's step-less epoch 0 too
               "periodic evaluation": count_periodic(args, n_batches),
