@@ -307,10 +307,9 @@ def print_periodic_eval(model, x_u8, y, eps, times, opts, base, device):
                 "--batched_restarts": (attacks.pgd_restart, method_args(f"{flags} --batched_restarts", base, device))}
     if opts.cuda_graph:
         variants["--cuda_graph"] = (evaluation.GraphedRestarts(model), eval_args)
-    # under fp16, the evaluation's gradients at the scaler's initial loss scale
-    settings = methods.StepSettings.from_flags(eval_args)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.loss_scaling)
-    precision = methods.autocast_context(settings, device), scaler.get_scale() if scaler.is_enabled() else None
+    # the training step's autocast and, under fp16, its scaler's initial loss scale (nothing is trained)
+    step = methods.TrainingStep(model, methods.StepSettings.from_flags(eval_args), device)
+    precision = step.autocast, step.loss_scale()
     eval_s = {}
     for name, (restart, args) in variants.items():
         (first, _), (eval_s[name], row) = (time_periodic_eval(model, eval_sets, args, restart, *precision)
