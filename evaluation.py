@@ -186,12 +186,14 @@ def fgsm_stats(model, step, radius):
 def periodic_test_stats(model, eps, attack_iters, n_restarts, restart=attacks.pgd_restart, loss_scale=None,
                         batched=False):
     """Everything the original logs about the test points: clean, FGSM (step eps), PGD accuracy, the cosine
-    between the FGSM and PGD perturbations, and the cosine between input gradients at x and at x + eta."""
+    between the FGSM and PGD perturbations, and the cosine between input gradients at x and at x + eta. PGD runs
+    every restart on every example, without the ln K skip: the original's attack_pgd replaces a lost example's
+    perturbation whenever a later restart finds a higher loss, and the cosine reads that perturbation."""
     def stats(x, y):
         scale = example_scale(loss_scale, len(y))
         fgsm_correct, fgsm_delta = attacks.fgsm_eval(model, x, y, eps, eps, scale)
         pgd_correct, pgd_robust, pgd_delta = attacks.pgd_eval(model, x, y, eps, eps * PGD_STEP_FRACTION,
-                                                              attack_iters, n_restarts, True, restart, scale,
+                                                              attack_iters, n_restarts, False, restart, scale,
                                                               batched)
         cosines = attacks.grad_cosines(model, x, y, eps, loss_scale or 1.0)  # a batch-mean loss, as the original's
         return {metric_key("clean"): utils.clean_correct(model, x, y), metric_key("fgsm"): fgsm_correct,
@@ -204,10 +206,12 @@ PERIODIC_TEST_KEYS = (*(metric_key(a) for a in ("clean", "fgsm", "pgd")), metric
                       "cos_fgsm_pgd", "grad_cosine")
 
 
-def periodic_eval(model, eval_sets, protocol, restart=attacks.pgd_restart, autocast=None, loss_scale=None):
+def periodic_eval(model, eval_sets, protocol, restart=attacks.pgd_restart, autocast=None, loss_scale=None,
+                  skip_lost=True):
     """The original's periodic evaluation on its fixed test and training points (eval mode, no augmentation);
     restart: attacks.pgd_restart or a GraphedRestarts; autocast (a context) and loss_scale (None: neither), the
-    mixed precision that the original's apex O1 leaves on for it."""
+    mixed precision that the original's apex O1 leaves on for it. skip_lost: the ln K skip on the training points,
+    whose PGD gives an accuracy alone (the same either way; --estimate times both)."""
     (test_x, test_y), (train_x, train_y) = eval_sets["test"], eval_sets["train"]
     was_training = model.training
     model.eval()
@@ -216,8 +220,8 @@ def periodic_eval(model, eval_sets, protocol, restart=attacks.pgd_restart, autoc
         test, n_points = fractions(periodic_test_stats(model, p.eps, p.attack_iters, p.n_restarts, restart,
                                                        loss_scale, p.batched),
                                    PERIODIC_TEST_KEYS, batches(test_x, test_y, p.batch_size, "test points"))
-        train, _ = fractions(pgd_stats(model, p.eps, p.attack_iters, p.n_restarts, restart=restart,
-                                       loss_scale=loss_scale, batched=p.batched),
+        train, _ = fractions(pgd_stats(model, p.eps, p.attack_iters, p.n_restarts, skip_lost=skip_lost,
+                                       restart=restart, loss_scale=loss_scale, batched=p.batched),
                              ("pgd",), batches(train_x, train_y, p.batch_size, "training points"))
     row = {("test_" + k if parse_metric_key(k) else k): v for k, v in test.items()}
     row[metric_key("pgd", points="train")] = train["pgd"]

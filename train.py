@@ -565,8 +565,13 @@ def main(argv=None):
             say(f"{args.resume} had already finished: nothing to do")
             return 0
         if args.estimate:
+            tell = lambda line: say(f"--estimate: {line}")  # noqa: E731
+            tell("measuring this run's pieces on this machine; the start-up again (the first may have decoded "
+                 "the images into the cache, which the run reads)")
+            started = time.time()
+            args, dataset = prepare(argv)[:2]
             trainer = Trainer(args, dataset, None, utils.get_logger(quiet=True))
-            print("\n".join(estimate.project(trainer, args, dataset, time.time() - started)))
+            print("\n".join(estimate.project(trainer, args, dataset, time.time() - started, tell)))
             return 0
         utils.init_distributed(args.device)
         with utils.StopSignals() as stop:

@@ -12,6 +12,8 @@ import time
 import torch
 import torch.distributed as dist
 
+import kernels
+
 
 class WriteError(Exception):
     """A file could not be written (no space, no permission, an I/O error); the message names it and why."""
@@ -226,7 +228,7 @@ def provenance(device, argv):
     return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "device": name, "cpu": cpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
-            "command": [sys.argv[0], *argv]}
+            "cpu_kernels": kernels.state(), "command": [sys.argv[0], *argv]}
 
 
 def dist_env():

@@ -17,6 +17,8 @@
 #   THREADS (default 1)  CPU threads of each run (OMP_NUM_THREADS): a CPU gives the same numbers for the same
 #                        THREADS, and other numbers (other rounding) for another
 #   JOBS (default 2)     runs at a time (xargs -P); THREADS x JOBS should not exceed the cores
+#   PIN_KERNELS (default 1)  the CPU kernels pinned to AVX2 (kernels.py): any x86-64 CPU with AVX2 prints the
+#                        same table to the digit at the same THREADS; 0 lets each library choose its own
 #   EXPERIMENT           co (default, the above) or original_cnn: the original's own CNN command (its
 #                        sh/exps_diff_eps_cifar10.sh: 6 filters, all 50,000 images, eps 10/255, 30 epochs, batch
 #                        256, seed 2022, GradSum lambda 20; final evaluation on 2,000 points), which on most CPUs
@@ -46,6 +48,7 @@ PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || usage_error "JOBS=$JOBS: a positive whole number"
 pin_threads 1
+pin_kernels
 cd "$(dirname "$0")/.."
 
 COMMON+=(--data_dir="$DATA_DIR" --out_dir="$OUT_DIR" --device=cpu --batch_size_eval=1024

@@ -31,6 +31,17 @@ pin_threads() {  # pin_threads DEFAULT: THREADS (else DEFAULT) CPU threads a run
   export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 }
 
+pin_kernels() {  # PIN_KERNELS (default 1): the CPU kernels of kernels.PINNED, with which every x86-64 CPU with AVX2
+  # computes the same bits at the same THREADS (train.py records them in args.json); PIN_KERNELS=0 leaves each
+  # library its own choice
+  PIN_KERNELS=${PIN_KERNELS:-1}
+  case "$PIN_KERNELS" in
+    1) eval "$("${PYTHON:-python}" "$(dirname "${BASH_SOURCE[0]}")/../kernels.py")" ;;
+    0) ;;
+    *) usage_error "PIN_KERNELS=$PIN_KERNELS: 1 (the default) or 0" ;;
+  esac
+}
+
 absolute() {  # a path made absolute (from the caller's folder, before the script changes it)
   realpath -m -- "$1"
 }

@@ -1,11 +1,15 @@
 import os
 import sys
 
-import pytest
-import torch
-from PIL import Image
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+
+kernels.pin()  # before torch loads its libraries: the digests compare on every x86-64 CPU with AVX2
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
 torch.set_num_threads(1)  # the tests' models are tiny: one thread is faster than two competing
 
 import data  # noqa: E402

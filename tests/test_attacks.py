@@ -1,6 +1,7 @@
 """Attacks, regularisers and the evaluation protocol against closed forms of linear models and finite differences."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -427,3 +428,74 @@ def test_batched_restarts_keep_the_later_restart_on_a_tie():
     starts = [attacks.uniform_delta(x, 8 / 255) for _ in range(3)]
     last = attacks.clip_image(x, attacks.project_pgd(x, starts[-1], 8 / 255))  # no step: a zero gradient
     assert torch.equal(delta, last) and not torch.equal(delta, attacks.clip_image(x, starts[0]))
+
+
+def original_attack_pgd(model, X, y, eps, alpha, attack_iters, n_restarts, rs=True):
+    """The original's utils.attack_pgd at 9b877ea, re-typed for the CPU (its L-inf branch, fp32, no apex)."""
+    def clamp(X, lower, upper):
+        return torch.max(torch.min(X, torch.FloatTensor(1).fill_(upper)), torch.FloatTensor(1).fill_(lower))
+    max_loss = torch.zeros(y.shape[0])
+    max_delta = torch.zeros_like(X)
+    for _ in range(n_restarts):
+        delta = torch.zeros_like(X)
+        if attack_iters == 0:
+            return delta.detach()
+        if rs:
+            delta.uniform_(-eps, eps)
+        delta.requires_grad = True
+        for _ in range(attack_iters):
+            output = model(X + delta)
+            loss = F.cross_entropy(output, y)
+            loss.backward()
+            grad = delta.grad.detach()
+            delta.data = delta + alpha * torch.sign(grad)
+            delta.data = clamp(X + delta.data, 0, 1) - X
+            delta.data = clamp(delta.data, -eps, eps)
+            delta.grad.zero_()
+        with torch.no_grad():
+            output = model(X + delta)
+            all_loss = F.cross_entropy(output, y, reduction="none")
+            max_delta[all_loss >= max_loss] = delta.detach()[all_loss >= max_loss]
+            max_loss = torch.max(max_loss, all_loss)
+    max_delta = clamp(X + max_delta, 0, 1) - X
+    return max_delta
+
+
+def original_cosines(v1, v2):
+    """The original's utils.avg_cos_np before its mean: per-example cosines, nan and inf read as 1."""
+    v1, v2 = v1.numpy(), v2.numpy()
+    norms1 = (v1 ** 2).sum((1, 2, 3), keepdims=True) ** 0.5
+    norms2 = (v2 ** 2).sum((1, 2, 3), keepdims=True) ** 0.5
+    cos_vals = ((v1 / norms1) * (v2 / norms2)).sum((1, 2, 3))
+    cos_vals[~np.isfinite(cos_vals)] = 1.0
+    return torch.from_numpy(cos_vals)
+
+
+def test_periodic_cosine_is_the_originals_where_restarts_replace_a_lost_examples_perturbation():
+    """The logged cos_fgsm_pgd reads the kept PGD perturbation: with 3 restarts and examples lost above ln K after
+    the first, the periodic evaluation keeps the original's perturbation bit for bit (its `all_loss >= max_loss`
+    over every example), where the ln K skip would keep an earlier restart's; accuracies are the same either way."""
+    import evaluation
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    with torch.no_grad():
+        model[3].weight.mul_(8)  # confident, often wrong: many examples lost above ln 10 at once
+    x, y = torch.rand(64, 3, 8, 8), torch.randint(0, 10, (64,))
+    eps, alpha, iters, restarts = 8 / 255, 2 / 255, 3, 3
+    torch.manual_seed(1)
+    original = original_attack_pgd(model, x, y, eps, alpha, iters, restarts)
+    fgsm = original_attack_pgd(model, x, y, eps, eps, 1, 1, rs=False)
+    results = {}
+    for skip in (False, True):
+        torch.manual_seed(1)
+        results[skip] = attacks.pgd_eval(model, x, y, eps, alpha, iters, restarts, skip_lost=skip)
+    assert torch.equal(results[False][2], original)
+    assert torch.equal(results[True][0], results[False][0])  # the skip changes no accuracy...
+    replaced = (results[True][2] != original).flatten(1).any(1)
+    assert replaced.sum() >= 5  # ...but it does change perturbations: the premise
+    torch.manual_seed(1)
+    logged = evaluation.periodic_test_stats(model, eps, iters, restarts)(x, y)
+    expected = original_cosines(fgsm, original)
+    assert torch.allclose(logged["cos_fgsm_pgd"], expected, rtol=0, atol=1e-6)  # numpy's sums, torch's sums
+    assert not torch.allclose(attacks.cosines_or_one(fgsm, results[True][2])[replaced], expected[replaced],
+                              rtol=0, atol=1e-3)  # the skip's would not be

@@ -188,8 +188,16 @@ def test_weights_in_robustbenchs_layout_give_the_runs_logits_and_numbers(ten_cla
     assert {k: theirs[k] for k in ("clean_acc", "pgd2_2_acc")} == {k: ours[k] for k in ("clean_acc", "pgd2_2_acc")}
 
 
-def test_export_loads_into_robustbenchs_layout_unchanged_and_writes_its_model_info(ten_class_run, tmp_path):
+def test_export_loads_into_robustbenchs_layout_unchanged_and_writes_its_model_info(ten_class_run, tmp_path,
+                                                                                   monkeypatch):
     run, data_dir = ten_class_run
+    build = autoattack_eval.build
+
+    def short(*a, **kw):  # custom APGD's 5 restarts of 100 iterations cut to 1 of 2: the export is under test
+        adversary = build(*a, **kw)
+        adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, 2
+        return adversary
+    monkeypatch.setattr(autoattack_eval, "build", short)
     assert evaluation.main([str(run), "--models", "last", "--pgd", "0", "0", "--export", str(tmp_path / "rb"),
                             "--device", "cpu", "--autoattack_version", "custom", "--autoattack_attacks",
                             "apgd-ce", "--n_points", "4"]) == 0

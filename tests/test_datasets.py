@@ -179,10 +179,10 @@ def test_missing_dataset_without_network_names_folder_layout_and_source(tmp_path
 
 
 def test_resnet34_trains_on_64px_tiny_imagenet_through_the_command_line(tmp_path):
-    root = make_tiny_imagenet(str(tmp_path / "data"), n_train=8, n_val=6)
-    argv = shlex.split(f"--dataset=tiny_imagenet --data_dir={root} --model=resnet34 --epochs=1 --batch_size=8 "
+    root = make_tiny_imagenet(str(tmp_path / "data"), n_train=4, n_val=6)  # 3 iterations of 4 images
+    argv = shlex.split(f"--dataset=tiny_imagenet --data_dir={root} --model=resnet34 --epochs=1 --batch_size=4 "
                        "--lr_max=0.01 --eps=8 --attack=fgsm --discrete_eps --grad_input_sum_coeff=1 "
-                       "--eval_iter_freq=3 --n_eval_every_k_iter=8 --attack_iters=2 --n_restarts=1 --n_final_eval=6 "
+                       "--eval_iter_freq=3 --n_eval_every_k_iter=4 --attack_iters=2 --n_restarts=1 --n_final_eval=6 "
                        "--final_attack_iters=2 --final_n_restarts=1 --batch_size_eval=6 --device=cpu "
                        f"--out_dir={tmp_path} --run_name=tiny")
     assert train.main(argv) == 0

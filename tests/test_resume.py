@@ -225,9 +225,25 @@ def test_stop_signal_checkpoints_where_it_is_and_resumes_to_identical_metrics(wh
     assert train.main(["--resume", str(run_dir)]) == 0
     assert metrics_text(run_dir) == reference
     timing = json.loads((run_dir / "timing.json").read_text())  # the wall time of both processes, not the last's
-    assert timing["segments"] == 2 and timing["train_s"] >= round(first_s, 1) > 0
+    assert timing["segments"] == 2 and timing["train_s"] >= round(first_s, 1)  # the sum: test_run_clock_...
     within = f"batch {batch}/3 of epoch {epoch + 1}" if batch else f"the end of epoch {epoch}"
     assert f"resumed at iteration {3 * epoch + batch}/9, {within}" in (run_dir / "log.txt").read_text()
+
+
+def test_run_clock_sums_the_seconds_of_every_process_that_trained_the_run(monkeypatch):
+    """timing.json's train_s: the earlier processes' seconds (from the checkpoint) plus this one's, from its start
+    to the end of training; on a clock that reads what the test says, not how fast the machine is."""
+    now = [1000.0]
+    monkeypatch.setattr(train.time, "time", lambda: now[0])
+    clock = train.RunClock()
+    clock.load_state_dict({"time": {"train_s": 12.5, "segments": 2}, "periodic_eval_s": 3.0})
+    now[0] = 1004.25
+    assert clock.elapsed() == {"train_s": 16.75, "segments": 3}  # still training: up to now
+    clock.end, now[0] = 1006.0, 1100.0
+    assert clock.elapsed() == {"train_s": 18.5, "segments": 3} and clock.periodic_eval_s == 3.0
+    fresh = train.RunClock()
+    now[0] = 1102.0
+    assert fresh.elapsed() == {"train_s": 2.0, "segments": 1}
 
 
 def test_a_second_writer_is_refused_with_one_line_and_a_status_of_its_own(tmp_path, tiny_data, monkeypatch, capsys):

@@ -4,11 +4,14 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import config
+import kernels
 import methods
 import runs
 import train
@@ -52,22 +55,24 @@ def run_cli(flags, tmp_path, data_dir, name="run"):
 DIGESTS = os.path.join(ROOT, "tests", "metrics_digests.json")
 
 
-def digest_key():
-    """What the stored digests depend on beyond the code: torch's version and the CPU kernels it picks."""
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, 1 thread"
-
-
 def check_digest(method, metrics_path):
     """metrics.jsonl bit for bit as recorded before (RECORD_DIGESTS=1 pytest tests/test_train.py records them): a
-    restructuring must leave every method's numbers unchanged. Other kernels round otherwise: not compared there."""
+    restructuring must leave every method's numbers unchanged. The key names what else the bits depend on
+    (kernels.key: torch's build, the pinned CPU kernels, the thread count); a machine without recorded digests for
+    its key skips the comparison, saying so; under a recorded key a method without a digest fails."""
     digest = hashlib.sha256(open(metrics_path, "rb").read()).hexdigest()
     stored = json.load(open(DIGESTS)) if os.path.exists(DIGESTS) else {}
+    key = kernels.key()
     if os.environ.get("RECORD_DIGESTS") == "1":
-        stored.setdefault(digest_key(), {})[method] = digest
+        stored.setdefault(key, {})[method] = digest
         with open(DIGESTS, "w") as f:
             json.dump(stored, f, indent=1, sort_keys=True)
-    elif method in stored.get(digest_key(), {}):
-        assert digest == stored[digest_key()][method], f"{method}: metrics.jsonl differs from the recorded run"
+        return
+    if key not in stored:
+        pytest.skip(f"no recorded digests for '{key}' (tests/metrics_digests.json holds {sorted(stored)}): the "
+                    "digests compare on x86-64 CPUs with AVX2 under kernels.PINNED")
+    assert method in stored[key], f"{method}: no digest recorded under '{key}'; record it with RECORD_DIGESTS=1"
+    assert digest == stored[key][method], f"{method}: metrics.jsonl differs from the recorded run"
 
 
 def test_a_changed_metrics_file_fails_its_recorded_digest(tmp_path, monkeypatch):
@@ -83,6 +88,40 @@ def test_a_changed_metrics_file_fails_its_recorded_digest(tmp_path, monkeypatch)
     metrics.write_text('{"kind": "final", "pgd_acc": 0.50000001}\n')
     with pytest.raises(AssertionError, match="m: metrics.jsonl differs"):
         check_digest("m", str(metrics))
+    with pytest.raises(AssertionError, match="n: no digest recorded under"):  # a method added without its digest
+        check_digest("n", str(metrics))
+    monkeypatch.setenv("MKL_CBWR", "AVX512")  # other kernels: another key, compared nowhere, skipped with its name
+    with pytest.raises(pytest.skip.Exception, match="no recorded digests for .*MKL_CBWR AVX512"):
+        check_digest("m", str(metrics))
+
+
+def test_the_suite_runs_the_pinned_kernels_where_the_cpu_has_avx2():
+    """conftest.py pins them before torch's first kernel: on an x86-64 CPU with AVX2 the digests' key is the
+    pinned one (tests/metrics_digests.json's), and elsewhere it names what runs instead."""
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    state = kernels.state()
+    as_pinned = all(os.environ[name] == value for name, value in kernels.PINNED.items())  # not overridden by the user
+    assert state["pinned"] == ("avx2" in flags and as_pinned), state
+    assert (f"ATen {state['aten']}, oneDNN {state['onednn_max_isa']}, MKL_CBWR {state['mkl_cbwr']}, 1 thread"
+            in kernels.key())
+
+
+def test_pinned_processes_compile_into_an_inductor_cache_of_their_own():
+    """torch.compile's cache keys ignore ATEN_CPU_CAPABILITY: a pinned and an unpinned process sharing torch's
+    default folder load each other's kernels (one aborted on an AVX-512 CPU). pin() names one per capability beside
+    torch's default, the shell gets the same from `python kernels.py`, and a folder the user set is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    for capability in ("avx2", "default"):
+        environ = {"ATEN_CPU_CAPABILITY": capability} if capability != "avx2" else {}
+        kernels.pin(environ)
+        assert environ["TORCHINDUCTOR_CACHE_DIR"] == f"{default_cache_dir()}_aten_{capability}" != default_cache_dir()
+    unset = {k: v for k, v in os.environ.items() if k not in (*kernels.PINNED, "TORCHINDUCTOR_CACHE_DIR")}
+    shell = subprocess.run(["bash", "-c", f'eval "$({sys.executable} kernels.py)"; echo "$TORCHINDUCTOR_CACHE_DIR"'],
+                           cwd=ROOT, env=unset, capture_output=True, text=True)
+    assert shell.stdout.strip() == f"{default_cache_dir()}_aten_avx2", shell.stderr
+    chosen = {"TORCHINDUCTOR_CACHE_DIR": "/somewhere/else"}
+    kernels.pin(chosen)
+    assert chosen["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
 
 
 @pytest.mark.parametrize("method", list(METHODS))
