@@ -186,6 +186,11 @@ def build_parser(description=None):
 # Flags that cannot change what a run computes: where it runs, where it writes, how it logs, how it was started.
 NOT_COMPUTATIONAL = frozenset({"device", "data_dir", "out_dir", "run_name", "resume", "resume_existing", "preset",
                                "progress_every_s", "estimate"})
+# Flags that change how fast a run is computed, not its method: a run with them still matches the paper's row of
+# its method (report.py names them there). What each can change in the numbers: docs/differences.md.
+SPEED_FLAGS = frozenset({"half_prec", "amp_dtype", "periodic_eval_fp32", "bn_double_backward", "bn_float32",
+                         "conv_double_backward", "channels_last", "cuda_graph", "compile", "batched_restarts",
+                         "batch_size_eval"})
 RESUME_OVERRIDES = frozenset({"device", "data_dir", "progress_every_s"})  # may be given with --resume
 
 
@@ -314,6 +319,49 @@ QUIRKS = {  # the original's behaviours that the flags reproduce although they a
                               "SGD): Adam at this rate usually ends as a constant classifier; the original's CNN "
                               f"scripts and sh/cpu_experiment.sh use --lr_max={CNN_LR_MAX:g}"),
 }
+
+
+class Inert(NamedTuple):
+    flags: tuple  # flags that do nothing for the runs `applies` names
+    applies: Callable  # (args, n_procs) -> whether they do nothing for this run
+    why: str
+
+
+def gradsum_reads_attack_init(a):
+    return bool(a.grad_input_sum_coeff or a.print_g_i_s)  # methods.grad_sum_reuses_attack_grad reads it for none
+
+
+INERT = (  # a note where such a flag is off its default; report.py leaves them out of the run's computational flags
+    Inert(("n_layers", "n_filters_cnn"), lambda a, n: a.model != "cnn", "read by --model=cnn alone"),
+    Inert(("fgsm_alpha",), lambda a, n: a.attack not in ("fgsm", "n_fgsm"), "the step of FGSM and N-FGSM alone"),
+    Inert(("n_fgsm_noise", "n_fgsm_clip"), lambda a, n: a.attack != "n_fgsm", "read by --attack=n_fgsm alone"),
+    Inert(("pgd_train_n_iters", "pgd_alpha_train"), lambda a, n: a.attack not in ("pgd", "pgd_corner"),
+          "read by PGD training alone"),
+    Inert(("attack_init",), lambda a, n: a.attack == "n_fgsm" or (a.attack == "none"
+                                                                   and not gradsum_reads_attack_init(a)),
+          "N-FGSM draws its own noise; no attack has no start"),
+    Inert(("amp_dtype", "periodic_eval_fp32"), lambda a, n: not a.half_prec, "read with --half_prec alone"),
+    Inert(("sync_bn",), lambda a, n: n == 1 or not str(a.device).startswith("cuda"),
+          "SyncBatchNorm needs several processes on GPUs"),
+)
+
+
+def inert_flags(args, n_procs):
+    """{flag: why} of the flags that do nothing for a run of these flags on n_procs processes."""
+    return {flag: rule.why for rule in INERT if rule.applies(args, n_procs) for flag in rule.flags}
+
+
+def flag_text(name, value):
+    """The flag as a command line gives it: --name for True, --name=value otherwise (floats as %g)."""
+    return f"--{name}" if value is True else f"--{name}={value:g}" if isinstance(value, float) else f"--{name}={value}"
+
+
+def inert_notes(args, n_procs):
+    """A log line for each flag that does nothing for this run and is off its default (given, or a preset's)."""
+    defaults = build_parser().parse_args([])
+    return [f"{flag_text(flag, getattr(args, flag))} does nothing for this run ({why}); it is left out of the run's "
+            "computational flags" for flag, why in inert_flags(args, n_procs).items()
+            if getattr(args, flag) != getattr(defaults, flag)]
 
 
 def notes(args):

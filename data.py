@@ -442,6 +442,25 @@ def to_unit(x_u8):
     return table[x_u8.int()]
 
 
+OFFICIAL_CIFAR10 = "official CIFAR-10"  # what the paper's results file was computed on
+
+
+def source(dataset, data_dir):
+    """Where a run's data came from, for setting the paper's numbers beside it: 'official CIFAR-10' for the python
+    files of CIFAR-10 that pass torchvision's own integrity check (each file's md5, torchvision's list), else what
+    it is: an image folder (a copy, possibly re-encoded), files failing that check, another dataset."""
+    if has_image_folder_layout(data_dir):
+        return "image folder"
+    if dataset != "cifar10":
+        return f"{dataset} files"
+    from torchvision.datasets import CIFAR10 as Torchvisions
+    from torchvision.datasets.utils import check_integrity
+    base = os.path.join(data_dir, Torchvisions.base_folder)
+    passes = all(check_integrity(os.path.join(base, name), md5)
+                 for name, md5 in Torchvisions.train_list + Torchvisions.test_list)
+    return OFFICIAL_CIFAR10 if passes else "CIFAR-10 files failing torchvision's integrity check"
+
+
 FINGERPRINT_POINTS = 64  # images of each split hashed into a dataset's fingerprint
 
 

@@ -9,6 +9,7 @@ the FGSM step-size sweeps that eval.py measured; the first layer's filters.
     python report.py runs/cifar10_eps8 --compare paper       # and the original's results beside each row
 """
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -23,6 +24,7 @@ import textwrap
 from typing import NamedTuple
 
 import config
+import data
 import evaluation
 import health
 import methods
@@ -45,17 +47,18 @@ class Run(NamedTuple):
     dir: str
     flags: dict  # the saved flags that can change what it computes (config.NOT_COMPUTATIONAL and seed left out)
     fingerprint: str | None  # of its data (None: saved before fingerprints)
+    source: str | None  # where its data came from (data.source; None: saved before sources)
+    autoattack: str | None  # the protocol label of its AutoAttack values (None: none run)
     seed: int
     protocol: str  # the final PGD's label
     values: dict  # {(model, metric): value}, and ("co", "epoch")
     wall_s: float | None
 
 
-CNN_FLAGS = frozenset({"n_filters_cnn", "n_layers"})  # read by --model=cnn alone
-
-
-def computational_flags(args):
-    unused = config.NOT_COMPUTATIONAL | {"seed"} | (CNN_FLAGS if args.model != "cnn" else frozenset())
+def computational_flags(args, n_procs=1):
+    """The flags that can change what a run of these flags on n_procs processes computes: not config's
+    NOT_COMPUTATIONAL, not the seed (a group's runs differ in it), not its config.inert_flags."""
+    unused = config.NOT_COMPUTATIONAL | {"seed"} | set(config.inert_flags(args, n_procs))
     return {k: v for k, v in config.args_to_dict(args).items() if k not in unused}
 
 
@@ -73,8 +76,51 @@ def load_run(run_dir):
     protocol = finals[0].get("protocol", {}).get("label") or evaluation.pgd_protocol(
         args.final_attack_iters, args.final_n_restarts, args.eps * evaluation.PGD_STEP_FRACTION,
         finals[0].get("n_points", 0), None)["label"]  # runs saved before rows named their protocol
-    fingerprint = saved_runs.saved_extras(run_dir).get("_data", {}).get("fingerprint")
-    return Run(run_dir, computational_flags(args), fingerprint, args.seed, protocol, values, wall_s)
+    autoattack, label = autoattack_results(run_dir)
+    values.update({(model, AUTOATTACK_KEY): acc for model, acc in autoattack.items()})
+    extras = saved_runs.saved_extras(run_dir)
+    saved_data, n_procs = extras.get("_data", {}), extras.get("_provenance", {}).get("processes", 1)
+    return Run(run_dir, computational_flags(args, n_procs), saved_data.get("fingerprint"), saved_data.get("source"),
+               label, args.seed, protocol, values, wall_s)
+
+
+AUTOATTACK_KEY = "autoattack_acc"  # eval.py --autoattack's value of a model
+AUTOATTACK_MODELS = ("last", "early_stopped")
+
+
+def autoattack_results(run_dir):
+    """({model: AutoAttack accuracy}, its protocol label) of the newest eval.py AutoAttack result in the run
+    directory (eval-<date-time>.json), models of older results of the same protocol filling in; ({}, None) if none."""
+    found, label = {}, None
+    for path in sorted(glob.glob(os.path.join(run_dir, "eval-*.json")), reverse=True):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            continue
+        protocol = (result.get("autoattack_protocol") or {}).get("label")
+        if protocol is None or label not in (None, protocol):
+            continue
+        label = protocol
+        for model, values in result.get("models", {}).items():
+            if AUTOATTACK_KEY in values:
+                found.setdefault(model, values[AUTOATTACK_KEY])
+    return found, label
+
+
+def autoattack_columns(groups):
+    """[(model, label, heading)]: AutoAttack's columns of a table, a pair per protocol among its groups' runs (one
+    pair headed 'AutoAttack' where none ran: '-' throughout)."""
+    labels = sorted({run.autoattack for runs in groups for run in runs if run.autoattack}) or [None]
+    return [(model, label, f"{'ES ' if model == 'early_stopped' else ''}{label or 'AutoAttack'}")
+            for label in labels for model in AUTOATTACK_MODELS]
+
+
+def autoattack_cell(runs, model, label):
+    """mean ± std over the runs evaluated under this protocol, with how many of the group's runs they are."""
+    values = [r.values[(model, AUTOATTACK_KEY)] for r in runs
+              if r.autoattack == label and (model, AUTOATTACK_KEY) in r.values]
+    return mean_std(values) + (f" ({len(values)} of {len(runs)})" if 0 < len(values) < len(runs) else "")
 
 
 def periodic_rows(run_dir):
@@ -264,7 +310,7 @@ def group_title(run, apart):
 
 
 def method_label(flags):
-    return config.method_name(argparse.Namespace(**flags))
+    return config.method_name(argparse.Namespace(**with_defaults(flags)))
 
 
 def co_cell(epochs):
@@ -316,14 +362,35 @@ def difference(ours, theirs):
     return "-" if ours is None else f"{round(ours - statistics.mean(theirs), 2) + 0:+.2f}"  # + 0: no '-0.00'
 
 
+@functools.cache
+def default_flags():
+    return config.args_to_dict(config.build_parser().parse_args([]))
+
+
+def with_defaults(flags):
+    """Computational flags with those left out (inert ones) read as their defaults, so that two runs compare."""
+    return {k: v for k, v in {**default_flags(), **flags}.items() if k not in config.NOT_COMPUTATIONAL | {"seed"}}
+
+
+def method_flags(flags):
+    """The flags that make the method: config.SPEED_FLAGS left out."""
+    return {k: v for k, v in with_defaults(flags).items() if k not in config.SPEED_FLAGS}
+
+
 def paper_cells(run, commands, paper, our_clean, our_pgd):
-    """The paper's row and runs, its clean and PGD-50-10, and ours minus its; 'no paper row' where none matches."""
-    match = next((key for key, flags in commands.items() if flags == run.flags), None)
+    """The paper's row matching the run's method (its speed flags named), its clean and PGD-50-10, and ours minus
+    its; on data other than official CIFAR-10, the row's name and 'other data' alone; 'no paper row' where none
+    matches."""
+    match = next((key for key, flags in commands.items() if method_flags(flags) == method_flags(run.flags)), None)
     if match is None or match not in paper:
         return ["no paper row"] + ["-"] * 4
     clean, pgd = zip(*paper[match], strict=True)
-    return [f"{match[1]} ({len(clean)} runs)", paper_summary(clean), paper_summary(pgd),
-            difference(our_clean, clean), difference(our_pgd, pgd)]
+    ours, theirs = with_defaults(run.flags), with_defaults(commands[match])
+    speed = [config.flag_text(k, ours[k]) for k in sorted(config.SPEED_FLAGS) if ours[k] != theirs[k]]
+    name = f"{match[1]} ({len(clean)} runs{'; ' + ' '.join(speed) if speed else ''})"
+    if run.source != data.OFFICIAL_CIFAR10:
+        return [f"{name}, other data ({run.source or 'unrecorded'})"] + ["-"] * 4
+    return [name, paper_summary(clean), paper_summary(pgd), difference(our_clean, clean), difference(our_pgd, pgd)]
 
 
 def paper_table():
@@ -346,16 +413,18 @@ def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
     paper, commands = (paper_rows(), table_commands()) if compare_paper else (None, None)
     out = []
     for protocol in sorted({runs[0].protocol for runs in groups.values()}):
-        header = (["dataset", "model", "method", "eps", "flags", "seeds"]
-                  + [c[2].format(pgd=protocol) for c in COLUMNS] + ["CO at epoch", "wall time (s)"])
+        chosen = [(key, runs) for key, runs in groups.items() if runs[0].protocol == protocol]
+        aa_columns = autoattack_columns([runs for _, runs in chosen])
+        header = (["dataset", "model", "method", "eps", "flags", "seeds"] + [c[2].format(pgd=protocol) for c in COLUMNS]
+                  + [c[2] for c in aa_columns] + ["CO at epoch", "wall time (s)"])
         if compare_paper:
             header += ["paper row", "paper clean", "paper PGD-50-10", "clean − paper", "PGD − paper"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        chosen = [(key, runs) for key, runs in groups.items() if runs[0].protocol == protocol]
         for key, runs in sorted(chosen, key=lambda kr: (group_name(kr[1][0], apart[kr[0]]), apart[kr[0]])):
             f = runs[0].flags
             values = {(m, k): [r.values[(m, k)] for r in runs if (m, k) in r.values] for m, k, _ in COLUMNS}
             cells = [mean_std(values[(m, k)]) for m, k, _ in COLUMNS]
+            cells += [autoattack_cell(runs, model, label) for model, label, _ in aa_columns]
             walls = [r.wall_s for r in runs if r.wall_s is not None]
             row = [f["dataset"], f["model"], method_label(f), f"{f['eps']:g}", apart[key], str(len(runs))] + cells
             row += [co_cell([r.values[("co", "epoch")] for r in runs]),
@@ -371,11 +440,16 @@ def table(run_dirs, compare_paper=False, allow_duplicate_seeds=False):
             "restart's last iterate); FGSM has step eps; ES = early-stopped model (best PGD accuracy on training "
             "points); flags = what tells a row apart from the others; CO at epoch = the first periodic evaluation "
             "with test PGD accuracy below 1/3 of its best so far and FGSM accuracy more than 30 points above it, "
-            "per seed, with the number of seeds that overfitted.")
+            "per seed, with the number of seeds that overfitted; AutoAttack: eval.py --autoattack's newest result "
+            "in each run directory, its column named by its protocol (the official package, its version, the "
+            "attack's version, seed, points), '-' where it has not run, '(n of m)' where some seeds only.")
     if compare_paper:
         note += (" Paper: the original's results file (paper/cifar10_results.tsv: official CIFAR-10, all 10,000 "
                  "test points, last model), mean ± population std as it reports them, matched where a row's flags "
-                 "are those of its sh/cifar10_table.tsv run; the differences are ours minus the paper's means.")
+                 "are those of its sh/cifar10_table.tsv run but for speed flags (named in the row); the differences "
+                 "are ours minus the paper's means, given for runs on official CIFAR-10 only (torchvision's files, "
+                 "passing its integrity check): a row on other data names its paper row and the data, and no "
+                 "numbers.")
     return "\n\n".join(out) + "\n\n" + note + "\n"
 
 

@@ -400,10 +400,8 @@ def run(args, dataset, log, run_dir, checkpoint=None, stop=None):
     log.info(f"{args.model} on {args.dataset}: {len(trainer.data.y)} training images, {trainer.n_batches} "
              f"batches/epoch, {trainer.total_iters} iterations, method {config.method_name(args)}, device "
              f"{args.device}" + (f", {utils.world_size()} processes" if utils.world_size() > 1 else ""))
-    for line in config.notes(args):
+    for line in config.notes(args) + config.inert_notes(args, utils.world_size()):
         log.info(f"note: {line}")
-    if args.sync_bn and trainer.step.net is not None and args.device.type != "cuda":
-        log.info("--sync_bn: ignored, SyncBatchNorm needs GPUs (NCCL)")
     trainer.clock.start = time.time()
     trainer.lines = utils.ProgressLines(args.progress_every_s, trainer.iteration)  # the pace of this process's steps
     if trainer.iteration == 0:
@@ -505,7 +503,8 @@ def prepare(argv):
     fingerprint = data.fingerprint(dataset)
     if checkpoint is not None:
         runs.check_fingerprint(args.resume, fingerprint, given)
-    return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": fingerprint}
+    return args, dataset, checkpoint, {"data_dir_given": given, "fingerprint": fingerprint,
+                                       "source": data.source(args.dataset, args.data_dir)}
 
 
 def make_run_dir(args):

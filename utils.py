@@ -228,7 +228,7 @@ def provenance(device, argv):
     return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "device": name, "cpu": cpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
-            "cpu_kernels": kernels.state(), "command": [sys.argv[0], *argv]}
+            "cpu_kernels": kernels.state(), "processes": dist_env()[1], "command": [sys.argv[0], *argv]}
 
 
 def dist_env():

@@ -7,10 +7,14 @@
 #   GPU_IDS  comma-separated, e.g. 0,1,2,3; "cpu" runs a queue on the CPU (cpu,cpu: two queues)
 #   OUT_DIR  parent of the run directories, e.g. runs/cifar10_eps8; each run logs to OUT_DIR/logs/RUN.log
 #   DATA_DIR CIFAR-10 folder (default: data)
-# Each run is isolated: a failed run is logged and its queue goes on. At the end: a summary (finished, not
-# finished with their logs), OUT_DIR/table.md over what finished, and exit status 1 if any run did not finish.
+# Each run is isolated: a failed run is logged and its queue goes on. After a run's training, its last and
+# early-stopped models get the official AutoAttack (standard) on the first AA_POINTS test points (default 10,000,
+# RobustBench's; AA=0 skips it), a step of its own, isolated alike (log: OUT_DIR/logs/RUN.autoattack.log). At the
+# end: a summary (finished, not finished with their logs, AutoAttack's likewise), OUT_DIR/table.md over what
+# finished (AutoAttack beside PGD-50-10), and exit status 1 if any run or AutoAttack did not finish.
 # Rerunning the same command completes the table: finished runs are skipped, interrupted ones continue from
-# their checkpoint (train.py --resume_existing), missing ones start. Ctrl-C stops every run at its next iteration
+# their checkpoint (train.py --resume_existing), missing ones start; AutoAttack likewise (eval.py keeps each
+# finished attack). Ctrl-C stops every run at its next iteration
 # with a checkpoint.
 # Environment: DRY_RUN=1 prints the commands only; ESTIMATE=1 prints each row's projected wall time (train.py
 # --estimate, on the first of GPU_IDS) and the table's, in all and on these GPUs, and runs nothing; ROWS (default: the paper's rows; "peers" the peers' rows, "all"
@@ -27,6 +31,7 @@ DATA_DIR=$(absolute "${4:-data}")
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 check_eps "$EPS"
+check_autoattack
 [[ $GPU_IDS =~ ^(cpu|[0-9]+)(,(cpu|[0-9]+))*$ ]] || usage_error "GPU_IDS=$GPU_IDS: GPU numbers or cpu, comma-separated"
 
 IFS=, read -r -a GPUS <<< "$GPU_IDS"
@@ -73,15 +78,20 @@ run_queue() {  # the runs of one queue, one after another
     [ -n "$name" ] && [ ! -e "$STOPPING" ] || continue
     table_run "$OUT_DIR" "$DATA_DIR" "$EPS" "$name" "$seed" "$flags"
     run_isolated "$OUT_DIR" "$name" "$PYTHON" "${RUN_ARGS[@]}" --device="$device"
+    if [ "${AA:-1}" = 1 ] && finished "$OUT_DIR/$name" && [ ! -e "$STOPPING" ]; then
+      DONE_CHECK=aa_finished run_isolated "$OUT_DIR" "$name.$AA_STEP" autoattack_step "$OUT_DIR/$name" "$device"
+    fi
     # a run stopped by a signal stops every queue, even where this shell could not trap it (a script's
     # background job ignores Ctrl-C's SIGINT, which its train.py still receives)
-    [[ $(run_status "$OUT_DIR" "$name") != "$STOPPED"* ]] || touch "$STOPPING"
+    [[ $(run_status "$OUT_DIR" "$name") != "$STOPPED"* && $(run_status "$OUT_DIR" "$name.$AA_STEP") != "$STOPPED"* ]] \
+      || touch "$STOPPING"
   done <<< "$1"
 }
 
 mkdir -p "$OUT_DIR/logs"
 rm -f "$STOPPING"
-while IFS=$'\t' read -r name _; do rm -f "$OUT_DIR/logs/$name.status"; done < <(table_plan "$EPS")
+while IFS=$'\t' read -r name _; do rm -f "$OUT_DIR/logs/$name.status" "$OUT_DIR/logs/$name.$AA_STEP.status"; done \
+  < <(table_plan "$EPS")
 pids=()
 for q in "${!QUEUES[@]}"; do
   run_queue "${QUEUES[$q]}" &

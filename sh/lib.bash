@@ -127,10 +127,11 @@ stopped_since() {  # stopped_since RUN_DIR LINES: whether the log lines after th
 }
 
 run_isolated() {  # run_isolated OUT_DIR NAME COMMAND...: one run into OUT_DIR/logs/NAME.log; its outcome in NAME.status
+  # (skipped where ${DONE_CHECK:-finished} OUT_DIR/NAME says it is done)
   local out=$1 name=$2 rc=0 before
   shift 2
   mkdir -p "$out/logs"
-  if finished "$out/$name"; then
+  if "${DONE_CHECK:-finished}" "$out/$name"; then
     echo skipped > "$out/logs/$name.status"
     return 0
   fi
@@ -151,6 +152,28 @@ run_isolated() {  # run_isolated OUT_DIR NAME COMMAND...: one run into OUT_DIR/l
   return 0
 }
 
+# AutoAttack after training: the official standard AutoAttack (eval.py --autoattack) of the last and early-stopped
+# models on the first AA_POINTS test points (RobustBench's 10,000 by default; 16 under TINY=1); AA=0 skips it
+check_autoattack() {  # usage errors for AA and AA_POINTS
+  [[ ${AA:-1} =~ ^[01]$ ]] || usage_error "AA=$AA: 1 (the default: AutoAttack after training) or 0"
+  [[ $(aa_points) =~ ^[1-9][0-9]*$ ]] || usage_error "AA_POINTS=$AA_POINTS: a positive whole number of test points"
+}
+
+aa_points() {
+  if [ -n "${AA_POINTS:-}" ]; then echo "$AA_POINTS"; elif [ "${TINY:-0}" = 1 ]; then echo 16; else echo 10000; fi
+}
+
+AA_STEP=autoattack  # a run's AutoAttack step is named RUN.autoattack in OUT_DIR/logs
+
+aa_finished() {  # aa_finished OUT_DIR/RUN.autoattack: whether that run's AutoAttack on aa_points points finished
+  [ -f "${1%."$AA_STEP"}/autoattack-$(aa_points).done" ]
+}
+
+autoattack_step() {  # autoattack_step RUN_DIR DEVICE: eval.py's AutoAttack (resumable), then its done marker
+  "$PYTHON" eval.py "$1" --models last early_stopped --pgd 0 0 --autoattack --n_points "$(aa_points)" \
+    --device="$2" && : > "$1/autoattack-$(aa_points).done"
+}
+
 run_status() {  # run_status OUT_DIR NAME: the outcome run_isolated recorded ("not run" without one)
   cat "$1/logs/$2.status" 2>/dev/null || echo "not run"
 }
@@ -169,6 +192,17 @@ summarise() {  # summarise EPS OUT_DIR: counts, each run that did not finish wit
   echo "table eps $eps: ${#dirs[@]} of $((${#dirs[@]} + ${#failed[@]})) runs finished ($n_done now, $n_skipped before)," \
        "${#failed[@]} not finished"
   for name in "${failed[@]}"; do echo "  not finished: $name"; done
+  if [ "${AA:-1}" = 1 ]; then
+    local aa_done=0 aa_failed=() dir
+    for dir in "${dirs[@]}"; do
+      name=$(basename "$dir")
+      if aa_finished "$out/$name.$AA_STEP"; then aa_done=$((aa_done + 1)); else
+        aa_failed+=("$name ($(run_status "$out" "$name.$AA_STEP")): $out/logs/$name.$AA_STEP.log"); fi
+    done
+    echo "AutoAttack ($(aa_points) points): $aa_done of ${#dirs[@]} finished runs evaluated"
+    for name in "${aa_failed[@]}"; do echo "  AutoAttack not finished: $name"; done
+    failed+=("${aa_failed[@]}")
+  fi
   if [ ${#dirs[@]} -gt 0 ]; then
     "$PYTHON" report.py "${dirs[@]}" --compare paper --out "$out/table.md" || return 1
   fi

@@ -1,5 +1,6 @@
 """Miniature copies of every supported on-disk layout, loaded through the real code."""
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -76,6 +77,26 @@ def test_cifar10_python_pickles_and_the_binary_subset(tmp_path):
     deer, ship = ds.train_y == 4, ds.train_y == 8
     assert binary.train_y.tolist() == [int(y == 8) for y in ds.train_y.tolist() if y in (4, 8)]
     assert torch.equal(binary.train_x, ds.train_x[deer | ship])
+
+
+def test_only_cifar10_files_passing_torchvisions_check_are_official(tmp_path, monkeypatch):
+    """torchvision's own list of CIFAR-10's files and md5s decides: our tiny files fail it; with the list made of
+    their md5s (hashlib's, computed here) they pass; one byte changed fails again; an image folder is one."""
+    from torchvision.datasets import CIFAR10
+
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    write_cifar(str(tmp_path), "cifar-10-batches-py", [(n, 10 * k) for k, n in enumerate(names)], "labels")
+    assert data.source("cifar10", str(tmp_path)) == "CIFAR-10 files failing torchvision's integrity check"
+    md5 = {n: hashlib.md5((tmp_path / "cifar-10-batches-py" / n).read_bytes()).hexdigest() for n in names}
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    assert data.source("cifar10", str(tmp_path)) == data.OFFICIAL_CIFAR10 == "official CIFAR-10"
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x00")
+    assert data.source("cifar10", str(tmp_path)) != data.OFFICIAL_CIFAR10
+    from conftest import make_image_folder
+    assert data.source("cifar10", make_image_folder(str(tmp_path / "folder"))) == "image folder"
 
 
 def test_cifar100_fine_labels_and_names(tmp_path):

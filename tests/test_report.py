@@ -40,10 +40,11 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path, capsys):
     (tmp_path / "unfinished" / "metrics.jsonl").write_text("")
     text = report.table(runs)  # the unfinished run is left out, and named
     fgsm = cells(text, "fgsm")
-    # dataset, model, method, eps, flags, seeds, clean, FGSM, PGD, ES clean, ES PGD, CO at epoch, wall
+    # dataset, model, method, eps, flags, seeds, clean, FGSM, PGD, ES clean, ES PGD, AutoAttack, ES AutoAttack,
+    # CO at epoch, wall
     assert fgsm[3:6] == ["8", "-", "3"] and "| PGD-50-10 (step 2/255, 10,000 pts) |" in text
     assert fgsm[6] == "80.00 ± 0.00" and fgsm[8] == "44.00 ± 4.00"  # std of 40, 44, 48 (n - 1) is 4
-    assert fgsm[9] == "70.00 ± 0.00" and fgsm[12] == "200"
+    assert fgsm[9] == "70.00 ± 0.00" and fgsm[11:13] == ["-", "-"] and fgsm[14] == "200"  # AutoAttack not run
     vfsat = cells(text, "fgsm-vfsat")
     assert vfsat[5] == "1" and vfsat[8] == "45.00" and vfsat[9] == "-"
     assert f"left out 1 unfinished run(s) (no final evaluation yet): {runs[-1]}" in capsys.readouterr().err
@@ -79,7 +80,7 @@ def test_catastrophic_overfitting_column_counts_seeds_and_names_the_epoch(tmp_pa
             make_run(tmp_path, "b", {}, 1, {"last": (0.5, 0.3, 0.2)}, pgd=[0.2, 0.21, 0.22, 0.2]),
             make_run(tmp_path, "c", {"discrete_eps": True}, 0, {"last": (0.5, 0.3, 0.2)}, pgd=[0.2, 0.21])]
     text = report.table(runs)
-    assert cells(text, "fgsm")[11] == "4, - (1/2)" and cells(text, "fgsm-vfsat")[11] == "-"
+    assert cells(text, "fgsm")[13] == "4, - (1/2)" and cells(text, "fgsm-vfsat")[13] == "-"
     assert report.main([*runs, "--plots", str(tmp_path / "plots")]) == 0
 
 
@@ -223,8 +224,11 @@ def table_run_args(eps, row):
     return vars(config.build_parser().parse_args(f"{common} --eps={eps} {flags}".split()))
 
 
+OFFICIAL = {"_data": {"source": "official CIFAR-10", "fingerprint": "50000 train + 10000 test images, sha1 x"}}
+
+
 def test_compare_paper_sets_the_originals_numbers_beside_a_matching_row(tmp_path, capsys):
-    gradsum = table_run_args(8, "gradsum")
+    gradsum = {**table_run_args(8, "gradsum"), **OFFICIAL}
     runs = [make_run(tmp_path, f"g{s}", {}, s, {"last": (0.7398 + d, 0.49, 0.4419 + d)}, extras={**gradsum, "seed": s})
             for s, d in ((0, 0.01), (1998, -0.01))]
     runs.append(make_run(tmp_path, "other", {"lr_max": 0.1}, 0, {"last": (0.8, 0.6, 0.4)},
@@ -235,3 +239,66 @@ def test_compare_paper_sets_the_originals_numbers_beside_a_matching_row(tmp_path
     assert "| 73.98 ± 0.22 | 44.19 ± 0.21 | +0.00 | +0.00 |" in ours and "| 73.98 ± 1.41 |" in ours
     (other,) = [line for line in out.splitlines() if "lr_max=0.1" in line]
     assert "| no paper row |" in other
+
+
+def test_the_papers_numbers_stand_beside_official_cifar10_only_and_speed_flags_keep_the_match(tmp_path, capsys):
+    """A run on an image folder (or one saved before sources) names its paper row and the data, with no number
+    beside it; a run with the GPU check's speed flags keeps its paper row, which names them."""
+    gradsum = table_run_args(8, "gradsum")
+    folder = {**gradsum, "_data": {"source": "image folder", "fingerprint": "50000 train + 10000 test images, sha1 y"}}
+    fast = {**gradsum, **OFFICIAL, "half_prec": True, "channels_last": True, "cuda_graph": True}
+    runs = [make_run(tmp_path, "folder", {}, 0, {"last": (0.75, 0.5, 0.45)}, extras=folder),
+            make_run(tmp_path, "old", {}, 0, {"last": (0.75, 0.5, 0.45)}, extras={**gradsum, "lr_max": 0.04}),
+            make_run(tmp_path, "fast", {}, 0, {"last": (0.7498, 0.5, 0.4519)}, extras=fast)]
+    assert report.main(runs + ["--compare", "paper"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "GradSum (3 runs" in line]
+    assert len(lines) == 3
+    (on_folder,) = [line for line in lines if "image folder" in line]
+    assert "| GradSum (3 runs), other data (image folder) | - | - | - | - |" in on_folder
+    (unrecorded,) = [line for line in lines if "unrecorded)" in line]
+    assert "| - | - | - | - |" in unrecorded
+    (speedy,) = [line for line in lines if "--cuda_graph" in line]
+    assert ("| GradSum (3 runs; --channels_last --cuda_graph --half_prec) | 73.98 ± 0.22 | 44.19 ± 0.21 | +1.00 "
+            "| +1.00 |") in speedy
+
+
+def test_the_gpu_checks_run_gets_the_papers_gradsum_row():
+    """sh/gpu_check.sh's run, the README's GradSum line with the script's GPU speed flags, matches the paper's
+    GradSum eps-8 row on its method (its shared image-folder data then say 'other data')."""
+    import re
+    import shlex
+
+    import config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    (line,) = [x for x in readme.splitlines() if x.startswith("python train.py") and "--grad_input_sum_coeff=10 " in x]
+    speed = re.search(r"device=cuda speed=\(([^)]*)\)", open(os.path.join(root, "sh", "gpu_check.sh")).read())[1]
+    args = config.build_parser().parse_args(shlex.split(line.removeprefix("python train.py ") + " " + speed))
+    flags = report.computational_flags(args)
+    assert report.method_flags(flags) == report.method_flags(report.table_commands()[(8.0, "GradSum")])
+    assert flags != report.table_commands()[(8.0, "GradSum")]  # the premise: the speed flags differ
+
+
+def write_autoattack(run, stamp, label, accs):
+    """An eval.py --autoattack result file, as eval.py writes it (the fields report.py reads)."""
+    result = {"autoattack_protocol": {"label": label}, "models": {m: {"clean_acc": 0.8, "autoattack_acc": a}
+                                                                   for m, a in accs.items()}}
+    with open(os.path.join(run, f"eval-{stamp}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_autoattack_columns_read_each_runs_newest_result_named_by_its_protocol(tmp_path):
+    standard = "AutoAttack standard (pyautoattack 0.2.0), seed 0, 10,000 pts"
+    runs = [make_run(tmp_path, f"r{s}", {}, s, {"last": (0.8, 0.6, 0.4), "early_stopped": (0.7, 0.5, 0.45)})
+            for s in range(3)]
+    write_autoattack(runs[0], "20260101-000000", standard, {"last": 0.30, "early_stopped": 0.50})
+    write_autoattack(runs[0], "20260102-000000", standard, {"last": 0.36})  # newer: its last, the older's ES
+    write_autoattack(runs[1], "20260101-000000", standard, {"last": 0.40, "early_stopped": 0.60})
+    other = make_run(tmp_path, "vfsat", {"discrete_eps": True}, 0, {"last": (0.75, 0.5, 0.45)})
+    text = report.table(runs + [other])
+    header = next(line for line in text.splitlines() if line.startswith("| dataset"))
+    assert f"| ES PGD-50-10 (step 2/255, 10,000 pts) | {standard} | ES {standard} | CO at epoch |" in header
+    # the mean of 36 and 40 (sample std 2.83), two of the three seeds; ES: 50 and 60
+    assert cells(text, "fgsm")[11:13] == ["38.00 ± 2.83 (2 of 3)", "55.00 ± 7.07 (2 of 3)"]
+    assert cells(text, "fgsm-vfsat")[11:13] == ["-", "-"]

@@ -331,6 +331,7 @@ def test_resume_from_another_folder_with_its_data_moved(tmp_path, tiny_data, mon
     saved = json.loads((tmp_path / "runs" / "moved" / "args.json").read_text())
     assert saved["data_dir"] == str(tiny_data) and saved["_data"]["data_dir_given"] == "data"
     assert saved["_data"]["fingerprint"].startswith("50 train + 30 test images, sha1 ")
+    assert saved["_data"]["source"] == "image folder"  # not the paper's data: report.py sets no numbers beside it
     moved = shutil.move(tiny_data, tmp_path / "elsewhere")
     other = make_image_folder(str(tmp_path / "other"), seed=1)
     monkeypatch.chdir(ROOT)

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -127,11 +128,17 @@ def test_table_script_refuses_a_bad_eps_and_gpu_list(tmp_path):
 
 WRAPPER = """#!{python}
 # A stand-in python for the sh/ scripts: records each call, shrinks train.py's runs to tiny data, fails the run
-# named by FAIL_ONCE on its first attempt, and ends the run named in EXIT_WITH (NAME:STATUS) with that status.
+# (or RUN.autoattack, its eval.py step) named by FAIL_ONCE on its first attempt, and ends the run named in
+# EXIT_WITH (NAME:STATUS) with that status.
 import os, sys
 args = sys.argv[1:]
 with open(os.environ["CALLS"], "a") as f:
     f.write(" ".join(args) + "\\n")
+if args[:1] == ["eval.py"]:
+    marker = os.environ["CALLS"] + "." + os.path.basename(args[1]) + ".autoattack.failed"
+    if os.path.basename(args[1]) + ".autoattack" == os.environ.get("FAIL_ONCE") and not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.exit("failing on purpose")
 if args[:1] == ["train.py"]:
     name = next(a.split("=", 1)[1] for a in args if a.startswith("--run_name="))
     marker = os.environ["CALLS"] + "." + name + ".failed"
@@ -155,7 +162,7 @@ def stand_in(tmp_path, tiny_data):
     wrapper.chmod(0o755)
     calls = tmp_path / "calls.txt"
     env = {"PYTHON": str(wrapper), "CALLS": str(calls), "TINY_DATA": tiny_data, "SHRINK": TINY_RUN,
-           "ROWS": "fgsm gradsum pgd2-a4", "SEEDS": "0 1", "OMP_NUM_THREADS": "1"}
+           "ROWS": "fgsm gradsum pgd2-a4", "SEEDS": "0 1", "OMP_NUM_THREADS": "1", "AA": "0"}
     return env, calls
 
 
@@ -205,6 +212,30 @@ def test_table_script_stops_its_queue_after_a_stopped_run_and_names_a_run_held_e
     assert "fgsm-eps8-seed0 (running elsewhere: another process holds its folder)" in done.stdout
 
 
+def test_a_failed_autoattack_is_isolated_like_a_run_and_a_rerun_runs_it_alone(stand_in, tmp_path):
+    env, calls = stand_in
+    out = tmp_path / "table"
+    env = {**env, "ROWS": "fgsm", "AA": "1", "AA_POINTS": "4"}
+    first = run_script("cifar10_table.sh", "8", "cpu", str(out), env={**env, "FAIL_ONCE": "fgsm-eps8-seed0.autoattack"},
+                       cwd=tmp_path)
+    assert first.returncode == 1  # both runs trained; seed 0's AutoAttack failed and the queue went on
+    assert "2 of 2 runs finished (2 now, 0 before)" in first.stdout
+    assert "AutoAttack (4 points): 1 of 2 finished runs evaluated" in first.stdout
+    assert (f"AutoAttack not finished: fgsm-eps8-seed0 (failed, exit 1): {out}/logs/fgsm-eps8-seed0.autoattack.log"
+            in first.stdout)
+    assert "--models last early_stopped --pgd 0 0 --autoattack --n_points 4" in calls.read_text()
+    calls.write_text("")
+    second = run_script("cifar10_table.sh", "8", "cpu", str(out), env=env, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert not train_calls(calls)
+    assert [c.split()[1] for c in calls.read_text().splitlines() if c.startswith("eval.py")] == [
+        f"{out}/fgsm-eps8-seed0"]  # seed 1's AutoAttack had finished: skipped
+    assert "AutoAttack (4 points): 2 of 2 finished runs evaluated" in second.stdout
+    assert "| AutoAttack standard (pyautoattack 0.2.0), seed 0, 4 pts |" in (out / "table.md").read_text()
+    bad = run_script("cifar10_table.sh", "8", "cpu", str(out), env={**env, "AA_POINTS": "all"}, cwd=tmp_path)
+    assert bad.returncode == 2 and "AA_POINTS=all" in bad.stderr
+
+
 def test_tiny_runs_every_script_on_a_cpu_in_minutes(tiny_data, tmp_path):
     """TINY=1 with the real train.py: the table's runs shrunk to a smoke test; EXTRA_ARGS come last and win."""
     env = {"TINY": "1", "ROWS": "gradsum", "EXTRA_ARGS": "--batch_size=16", "OMP_NUM_THREADS": "1",
@@ -214,6 +245,15 @@ def test_tiny_runs_every_script_on_a_cpu_in_minutes(tiny_data, tmp_path):
     assert "1 of 1 runs finished (1 now, 0 before)" in done.stdout  # one seed under TINY
     args = json.loads((tmp_path / "t" / "gradsum-eps8-seed0" / "args.json").read_text())
     assert (args["model"], args["epochs"], args["batch_size"], args["grad_input_sum_coeff"]) == ("cnn", 1, 16, 10)
+    table = (tmp_path / "t" / "table.md").read_text()  # the official AutoAttack of the last and early-stopped models
+    header = next(line for line in table.splitlines() if line.startswith("| dataset"))
+    assert "| AutoAttack standard (pyautoattack 0.2.0), seed 0, 16 pts | ES AutoAttack standard (" in header
+    aa = header.strip("|").split("|").index(" AutoAttack standard (pyautoattack 0.2.0), seed 0, 16 pts ")
+    assert re.fullmatch(r"\d+\.\d\d", table.splitlines()[2].strip("|").split("|")[aa].strip())
+    again = run_script("cifar10_table.sh", "8", "cpu", str(tmp_path / "t"), tiny_data, env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "1 of 1 runs finished (0 now, 1 before)" in again.stdout
+    assert (tmp_path / "t" / "logs" / "gradsum-eps8-seed0.autoattack.status").read_text() == "skipped\n"
+    assert (tmp_path / "t" / "table.md").read_text() == table
     done = run_script("cpu_experiment.sh", tiny_data, str(tmp_path / "c"), env={**env, "METHODS": "vfsat"},
                       cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -391,7 +431,8 @@ def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_pat
     assert (args["grad_input_sum_coeff"], args["half_prec"], args["channels_last"]) == (10, True, True)
     assert "--grad_input_sum_coeff=10" in args["_provenance"]["command"]  # the README's line, word for word
     assert set(json.loads((out / "gradsum-eps8-seed0" / "timing.json").read_text())) >= {"wall_s", "periodic_eval_s"}
-    assert "no paper row" in (out / "table.md").read_text() and "timing (s):" in done.stdout
+    assert "no paper row" in (out / "table.md").read_text()  # TINY's CNN; the GPU's run gets GradSum's (test_report)
+    assert "timing (s):" in done.stdout
     assert "weights changed by training:" in done.stdout and args["amp_dtype"] == "bfloat16"  # real steps on a CPU
     estimates = (out / "estimate.txt").read_text()
     assert estimates.count("table eps 8: 1 run(s), projected") == 2

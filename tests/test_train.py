@@ -329,3 +329,37 @@ def test_help_gives_every_flag_a_text_and_its_default(tool):
             assert action.help, f"{tool} {action.option_strings[0]} has no help"
             assert "%(default)s" in formatter._get_help_string(action), f"{tool} {action.option_strings[0]}"
     assert "(default: 8.0)" in " ".join(parser.format_help().split()) or tool != "train"
+
+
+INERT_CASES = {  # (a run, flags that do nothing for it): config.INERT, every flag of every rule
+    "pgd: FGSM's and N-FGSM's": ("--attack=pgd --pgd_train_n_iters=2",
+                                 "--fgsm_alpha=0.5 --n_fgsm_noise=3 --n_fgsm_clip=1"),
+    "fgsm: PGD's": ("--attack=fgsm", "--pgd_train_n_iters=3 --pgd_alpha_train=1"),
+    "n_fgsm: its start": ("--attack=n_fgsm", "--attack_init=zero"),
+    "none: a start and a step": ("--attack=none", "--attack_init=zero --fgsm_alpha=0.5"),
+    "fp32: precision's own, one process": (ZERO, "--amp_dtype=bfloat16 --periodic_eval_fp32 --sync_bn"),
+    "resnet18: the CNN's": ("--attack=fgsm --model=resnet18 --epochs=1", "--n_layers=2 --n_filters_cnn=4"),
+}
+
+
+@pytest.mark.parametrize("case", list(INERT_CASES))
+def test_a_flag_that_does_nothing_for_a_run_changes_no_number_gets_a_note_and_splits_no_group(case, tmp_path,
+                                                                                              tiny_data):
+    """Each of config.INERT's flags, off its default where its rule applies: the same metrics bit for bit, one
+    note each in the log, and the same computational flags (report.py groups the two runs and matches them alike)."""
+    import report
+    base, inert = INERT_CASES[case]
+    assert run_cli(base, tmp_path, tiny_data, "base")[0] == 0
+    assert run_cli(f"{base} {inert}", tmp_path, tiny_data, "inert")[0] == 0
+    metrics = [open(tmp_path / "runs" / name / "metrics.jsonl", "rb").read() for name in ("base", "inert")]
+    assert metrics[0] == metrics[1]
+    log = open(tmp_path / "runs" / "inert" / "log.txt").read()
+    for flag in inert.split():
+        assert f"note: {flag} does nothing for this run (" in log, flag
+    flags = [report.computational_flags(runs.load_args(str(tmp_path / "runs" / name))) for name in ("base", "inert")]
+    assert flags[0] == flags[1]
+
+
+def test_every_inert_flag_is_tried():
+    tried = {tok.split("=")[0].removeprefix("--") for _, inert in INERT_CASES.values() for tok in inert.split()}
+    assert tried == {flag for rule in config.INERT for flag in rule.flags}
