@@ -241,7 +241,8 @@ gres_gpus() {  # gres_gpus GRES: the GPUs a node's sinfo %G lists ("gpu:4", "gpu
   echo "$n"
 }
 
-check_partition() {  # check_partition CPUS GPUS TIME: refuse what no node of PARTITION (else the default) can run
+check_partition() {  # check_partition CPUS GPUS TIME [TIME's VARIABLE]: refuse what no node of PARTITION (else the
+  # default) can run
   command -v sinfo > /dev/null || return 0  # no Slurm client here: sbatch will say
   local want_cpus=$1 want_gpus=$2 want_s nodes part cpus gres limit max_cpus=0 max_gpus=0 limit_s=0 name="" \
     partition_limit
@@ -260,6 +261,6 @@ check_partition() {  # check_partition CPUS GPUS TIME: refuse what no node of PA
     "$max_gpus GPUs; set GPUS_PER_RUN (0 runs on CPUs) or PARTITION"
   [ "$want_cpus" -le $max_cpus ] || refuse "CPUS_PER_GPU: a task would ask for $want_cpus CPUs and the nodes of" \
     "partition $name have at most $max_cpus; set CPUS_PER_GPU=$((max_cpus / (want_gpus > 0 ? want_gpus : 1)))"
-  [ "$limit_s" -lt 0 ] || [ "$want_s" -le "$limit_s" ] || refuse "TIME_LIMIT=$3: partition $name allows at most" \
+  [ "$limit_s" -lt 0 ] || [ "$want_s" -le "$limit_s" ] || refuse "${4:-TIME_LIMIT}=$3: partition $name allows at most" \
     "$partition_limit; set TIME_LIMIT (a stopped task requeues itself and continues)"
 }

@@ -5,8 +5,9 @@
 # fails (a PYTHON that fails that run once); a second writer is refused while a run trains; then it resubmits.
 # Checks: each run's metrics.jsonl equals an uninterrupted run's, byte for byte; the Slurm states (COMPLETED
 # after a restart, FAILED, then COMPLETED); the table job's summary names the failure and then counts the runs;
-# the 2-process multinode job, stopped by its time-limit signal and requeued, ends as an uninterrupted 2-process
-# run. About 15 minutes on 2 cores; prints "ok: ..." per check, "FAILED: ..." and exit 1 at the first that fails.
+# each trained run's AutoAttack runs as a task of its own (a failed run's is cancelled, a done one is skipped on
+# resubmission); the 2-process multinode job, stopped by its time-limit signal and requeued, ends as an
+# uninterrupted 2-process run. About 15 minutes on 2 cores; prints "ok: ..." per check, "FAILED: ..." and exit 1 at the first that fails.
 #
 # Usage: bash tests/slurm_e2e.sh WORK_DIR [PART]   (WORK_DIR emptied first; skipped with one line where Slurm is not
 #        installed; PART: all (default), table or multinode)
@@ -55,7 +56,8 @@ EOF
 chmod +x "$WORK/python"
 
 export TINY=1 ROWS="fgsm vfsat gradsum" SEEDS=0 EXTRA_ARGS="--epochs=100 --progress_every_s=10" GPUS_PER_RUN=1
-export CPUS_PER_GPU=1 TIME_LIMIT=3 SIGNAL_LEAD_S=120 PYTHON="$WORK/python" FAIL_ONCE=vfsat-eps8-seed0
+# the signal 20 s into each 3-minute task, so that gradsum (about 50 s of training on a 2-core EPYC) reaches it
+export CPUS_PER_GPU=1 TIME_LIMIT=3 AA_TIME_LIMIT=3 SIGNAL_LEAD_S=160 PYTHON="$WORK/python" FAIL_ONCE=vfsat-eps8-seed0
 TABLE_DIR=$WORK/table
 if [ "$PART" != multinode ]; then
 step "submit the table: fgsm (to be preempted), vfsat (fails once), gradsum (reaches its time limit)"
@@ -93,6 +95,8 @@ check "the preempted task's Slurm log is readable" \
 cat "$TABLE_DIR"/logs/slurm-table-"$table_job".out
 check "the table job FAILED and its summary names vfsat's failure and log" \
   '[[ "$(state "$table_job")" == FAILED* ]] && grep -q "not finished: vfsat-eps8-seed0 (failed, exit 1): $TABLE_DIR/logs/vfsat-eps8-seed0.log" "$TABLE_DIR"/logs/slurm-table-"$table_job".out'
+check "each run that trained got its own AutoAttack task; vfsat's, after its failure, was cancelled" \
+  'grep -q "AutoAttack (16 points): 2 of 2 finished runs evaluated" "$TABLE_DIR"/logs/slurm-table-"$table_job".out'
 check "timing.json sums the segments" \
   'grep -q '\''"segments": [2-9]'\'' "$TABLE_DIR/gradsum-eps8-seed0/timing.json"'
 
@@ -106,6 +110,8 @@ check "the resubmission: every task COMPLETED, the table counts 1 now and 2 befo
   'grep -q "3 of 3 runs finished (1 now, 2 before)" "$TABLE_DIR"/logs/slurm-table-"$table_job2".out'
 check "the table job COMPLETED" \
   '[[ "$(state "$table_job2")" == COMPLETED* ]]'
+check "the resubmission's AutoAttack: vfsat's ran, the others' were done; the table has its column" \
+  'grep -q "AutoAttack (16 points): 3 of 3 finished runs evaluated" "$TABLE_DIR"/logs/slurm-table-"$table_job2".out && [ "$(grep -l "finished already" "$TABLE_DIR"/logs/slurm-autoattack-*.out | wc -l)" -ge 2 ] && grep -q "| AutoAttack standard (pyautoattack 0.2.0), seed 0, 16 pts |" "$TABLE_DIR/table.md"'
 
 step "the same runs without Slurm, uninterrupted"
 export PYTHON=$REAL_PYTHON FAIL_ONCE=

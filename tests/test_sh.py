@@ -359,7 +359,19 @@ def test_slurm_table_submits_one_array_task_per_run_and_a_table_job_after_them(s
     assert "submitted array job 4242 (6 runs) and table job 4243" in done.stdout
     dry = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path, env={**env, **path, "DRY_RUN": "1"})
     assert [line.split()[1] for line in dry.stdout.splitlines()] == ["sbatch", "sbatch"]  # the table job too
-    assert "--dependency=afterany:JOB" in dry.stdout.splitlines()[1]
+    assert "--dependency=afterany:JOBS" in dry.stdout.splitlines()[1]
+    (records / "sbatch.txt").unlink()
+    done = run_script("slurm_table.sh", "8", "runs/t", "data", cwd=tmp_path,
+                      env={**env, **path, "AA": "1", "GPUS_PER_RUN": "2", "AA_TIME_LIMIT": "2:00:00"})
+    assert done.returncode == 0, done.stderr
+    array, autoattack, table = (records / "sbatch.txt").read_text().splitlines()
+    for opt in ("--array=0-5", "--dependency=aftercorr:4242", "--kill-on-invalid-dep=yes", "--time=2:00:00",
+                "--gpus-per-task=1", "--signal=B:USR1@300", "--requeue", "slurm-autoattack-%A_%a.out"):
+        assert opt in autoattack, opt
+    assert "--gpus-per-task=2" in array and "--time=12:00:00" in array
+    assert autoattack.endswith(f"sh/slurm_table.sbatch --autoattack 8 {tmp_path}/runs/t {tmp_path}/data")
+    assert "--dependency=afterany:4242:4243" in table  # after every training and AutoAttack task
+    assert "AutoAttack array job 4243 (each task after its run's) and table job 4244" in done.stdout
 
 
 @pytest.mark.parametrize("request_env, expected", [
@@ -367,6 +379,7 @@ def test_slurm_table_submits_one_array_task_per_run_and_a_table_job_after_them(s
     ({"GPUS_PER_RUN": "8", "CPUS_PER_GPU": "10"}, "a task would ask for 80 CPUs and the nodes of partition gpu have "
      "at most 64; set CPUS_PER_GPU=8"),
     ({"TIME_LIMIT": "3-00:00:00"}, "TIME_LIMIT=3-00:00:00: partition gpu allows at most 2-00:00:00"),
+    ({"AA": "1", "AA_TIME_LIMIT": "3-00:00:00"}, "AA_TIME_LIMIT=3-00:00:00: partition gpu allows at most 2-00:00:00"),
     ({"PARTITION": "a100"}, "PARTITION=a100: sinfo lists no such partition"),
     ({"PARTITION": "cpu", "GPUS_PER_RUN": "1"}, "the nodes of partition cpu have at most 0 GPUs"),
 ])
@@ -413,6 +426,23 @@ def test_slurm_task_checkpoints_and_requeues_before_its_time_limit_then_finishes
     failing = dict(os.environ, **{**env, "SLURM_ARRAY_TASK_ID": "3", "FAIL_ONCE": "gradsum-eps8-seed1"})
     failed = subprocess.run(task, env=failing, capture_output=True, text=True)
     assert failed.returncode == 1 and "gradsum-eps8-seed1: failed, exit 1" in failed.stdout  # FAILED in sacct
+
+
+def test_slurm_autoattack_task_evaluates_its_runs_models_once(stand_in, tmp_path):
+    env, calls = stand_in
+    out = tmp_path / "runs"
+    env = dict(os.environ, **{**env, "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "0", "SLURM_SUBMIT_DIR": ROOT,
+                              "AA": "1", "AA_POINTS": "4", "GPUS_PER_RUN": "0"})
+    sbatch = ["bash", os.path.join(ROOT, "sh", "slurm_table.sbatch")]
+    trained = subprocess.run(sbatch + ["8", str(out), str(tmp_path / "data")], env=env, capture_output=True, text=True)
+    assert trained.returncode == 0 and "fgsm-eps8-seed0: finished" in trained.stdout, trained.stdout + trained.stderr
+    for attempt in ("fgsm-eps8-seed0.autoattack: finished", "fgsm-eps8-seed0.autoattack: finished already"):
+        done = subprocess.run(sbatch + ["--autoattack", "8", str(out), str(tmp_path / "data")], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0 and attempt in done.stdout, done.stdout + done.stderr
+    evals = [c for c in calls.read_text().splitlines() if c.startswith("eval.py")]
+    assert evals == [f"eval.py {out}/fgsm-eps8-seed0 --models last early_stopped --pgd 0 0 --autoattack --n_points 4 "
+                     "--device=cpu"]  # once: the second task found it done
 
 
 def test_gpu_check_runs_every_step_at_a_tiny_scale_on_the_cpu(tiny_data, tmp_path):
