@@ -55,10 +55,13 @@ class Run(NamedTuple):
     wall_s: float | None
 
 
+NOT_GROUPED = config.NOT_COMPUTATIONAL | {"seed"}  # flags a group's runs may differ in
+
+
 def computational_flags(args, n_procs=1):
     """The flags that can change what a run of these flags on n_procs processes computes: not config's
     NOT_COMPUTATIONAL, not the seed (a group's runs differ in it), not its config.inert_flags."""
-    unused = config.NOT_COMPUTATIONAL | {"seed"} | set(config.inert_flags(args, n_procs))
+    unused = NOT_GROUPED | set(config.inert_flags(args, n_procs))
     return {k: v for k, v in config.args_to_dict(args).items() if k not in unused}
 
 
@@ -369,7 +372,7 @@ def default_flags():
 
 def with_defaults(flags):
     """Computational flags with those left out (inert ones) read as their defaults, so that two runs compare."""
-    return {k: v for k, v in {**default_flags(), **flags}.items() if k not in config.NOT_COMPUTATIONAL | {"seed"}}
+    return {k: v for k, v in {**default_flags(), **flags}.items() if k not in NOT_GROUPED}
 
 
 def method_flags(flags):
@@ -381,7 +384,8 @@ def paper_cells(run, commands, paper, our_clean, our_pgd):
     """The paper's row matching the run's method (its speed flags named), its clean and PGD-50-10, and ours minus
     its; on data other than official CIFAR-10, the row's name and 'other data' alone; 'no paper row' where none
     matches."""
-    match = next((key for key, flags in commands.items() if method_flags(flags) == method_flags(run.flags)), None)
+    method = method_flags(run.flags)
+    match = next((key for key, flags in commands.items() if method_flags(flags) == method), None)
     if match is None or match not in paper:
         return ["no paper row"] + ["-"] * 4
     clean, pgd = zip(*paper[match], strict=True)
